@@ -1,0 +1,47 @@
+"""Command-line helpers shared by the entry points."""
+
+import sys
+from typing import Optional, Sequence
+
+from absl import flags
+
+
+def parse_flags(argv: Sequence[str],
+                flag_values: Optional[flags.FlagValues] = None) -> list[str]:
+  """Parses flags; a mistyped `--config.x=y` becomes a one-line error.
+
+  ml_collections reports an override of a key that does not exist as a
+  KeyError/AttributeError from deep inside flag parsing. Here every parsing
+  problem is one line on stderr and exit status 1, as absl does for its own
+  flag errors, instead of a traceback.
+
+  Args:
+    argv: the full command line, program name first.
+    flag_values: the flag set (default: absl's global FLAGS).
+
+  Returns:
+    The arguments left after flag parsing (program name first).
+  """
+  try:
+    return parse_flags_strict(argv, flag_values)
+  except flags.Error as e:
+    sys.stderr.write(f'FATAL Flags parsing error: {e}\n'
+                     'Pass --helpshort or --helpfull to see help on flags.\n')
+    sys.exit(1)
+
+
+def parse_flags_strict(
+    argv: Sequence[str],
+    flag_values: Optional[flags.FlagValues] = None) -> list[str]:
+  """Like `parse_flags` but raises `flags.Error` instead of exiting."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(argv)
+  except (KeyError, AttributeError) as e:
+    # The KeyError (with ml_collections' "Did you mean" hint) arrives wrapped
+    # in an AttributeError; unwrap to its text.
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):
+      cause = cause.args[0]
+    message = str(cause.args[0] if cause.args else cause).replace('\n', '. ')
+    raise flags.Error(f'unknown config key {message}') from None
