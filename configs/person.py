@@ -38,7 +38,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   data.near = 0.2  # Ray depth (camera z) where samples start.
   data.far = 0.8  # Ray depth where samples end; the background sits here.
   data.background = 'image'  # 'image': composite bg/00050.png; 'none': no BG.
-  data.bbox_weight = 0.9  # Share of training rays drawn inside the face bbox.
+  # Per-pixel weight of training rays inside the face bbox (1 - it outside).
+  data.bbox_weight = 0.9
   data.train_fraction = 1.0  # Train on this prefix (in time) of the frames.
   # Where the built-in person is generated (None: $NERFACE_JAX_CACHE, else
   # ~/.cache/nerface_jax). Generated once per (size, frames, seed).
