@@ -1,0 +1,438 @@
+"""The NeRFace networks: conditioned MLPs, the latent table and the model.
+
+This is the only Flax file of the package. It owns the parameters and calls
+the pure functions of `encoding`, `sampling` and `rendering`.
+
+Every Dense layer is initialised like PyTorch's `nn.Linear` (kernel and bias
+uniform in +-1/sqrt(fan_in)), as the original NeRFace code was.
+"""
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nerface_jax import encoding
+from nerface_jax import rendering
+from nerface_jax import sampling
+from nerface_jax import types
+
+Dtype = Any
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_BACKGROUNDS = {'image': True, 'none': False}
+
+
+def _uniform_init(fan_in: int):
+  """Initialiser drawing uniformly in +-1/sqrt(fan_in) (PyTorch nn.Linear)."""
+  # The bias cannot infer its fan-in from its own shape, so both kernel and
+  # bias take it explicitly from the layer's full concatenated input width.
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class _SplitDense(nn.Module):
+  """A Dense layer over [per-sample x ++ per-ray c ++ per-sample h].
+
+  Holds ONE kernel [Dx + C + Dh, features] (parameter count and initialisation
+  of a plain concatenation) but applies the per-ray rows once per ray:
+  y = x @ K_x + h @ K_h + (c @ K_c + b)[:, None], exactly the concatenation
+  without broadcasting c over the samples.
+
+  Attributes:
+    features: output width.
+    dtype: compute dtype of the matmuls (parameters stay float32).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: Optional[jax.Array] = None,
+               h: Optional[jax.Array] = None) -> jax.Array:
+    """Applies the layer.
+
+    Args:
+      x: [R, S, Dx] per-sample input (any float dtype).
+      c: optional [R, C] per-ray input (C may be 0).
+      h: optional [R, S, Dh] second per-sample input (the skip connection).
+
+    Returns:
+      `dtype` [R, S, features] pre-activation.
+    """
+    dx = x.shape[-1]
+    dc = 0 if c is None else c.shape[-1]
+    dh = 0 if h is None else h.shape[-1]
+    fan_in = dx + dc + dh
+    kernel = self.param('kernel', _uniform_init(fan_in),
+                        (fan_in, self.features), jnp.float32)
+    bias = self.param('bias', _uniform_init(fan_in), (self.features,),
+                      jnp.float32)
+    # Cast at use: float32 master parameters, matmuls in the compute dtype.
+    kernel = kernel.astype(self.dtype)
+    bias = bias.astype(self.dtype)
+    y = x.astype(self.dtype) @ kernel[:dx]
+    if h is not None:
+      y = y + h.astype(self.dtype) @ kernel[dx + dc:]
+    per_ray = bias
+    if c is not None:
+      # [R, features], computed once per ray and broadcast over the samples.
+      per_ray = c.astype(self.dtype) @ kernel[dx:dx + dc] + bias
+      per_ray = per_ray[..., None, :]
+    return y + per_ray
+
+
+class ConditionedMLP(nn.Module):
+  """The NeRFace radiance field: position + per-ray condition -> rgb, density.
+
+  Trunk: `trunk_depth` Dense(trunk_width) + ReLU on PE(xyz) ++ condition, the
+  input concatenated again before layer `skip_layer`; a feature Dense without
+  activation; the density head on the feature; the colour branch on the
+  feature ++ PE(view direction) (without the raw direction).
+
+  Attributes:
+    trunk_depth: Dense+ReLU layers of the trunk.
+    trunk_width: width of the trunk and of the feature layer.
+    skip_layer: index of the trunk layer the input is concatenated before
+      (0 or >= trunk_depth: no skip connection).
+    color_width: width of the colour branch.
+    color_depth: Dense+ReLU layers of the colour branch (at least 1).
+    xyz_freqs: positional-encoding octaves of the position (with raw input).
+    dir_freqs: octaves of the view direction (without raw input).
+    use_viewdirs: feed the encoded view direction to the colour branch.
+    compute_dtype: dtype of the matmuls (float32 or bfloat16); parameters and
+      outputs stay float32.
+  """
+  trunk_depth: int = 6
+  trunk_width: int = 256
+  skip_layer: int = 3
+  color_width: int = 128
+  color_depth: int = 3
+  xyz_freqs: int = 10
+  dir_freqs: int = 4
+  use_viewdirs: bool = True
+  compute_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, positions: jax.Array, condition: jax.Array,
+               viewdirs: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Evaluates the field at every sample.
+
+    Args:
+      positions: float32 [R, S, 3] sample positions.
+      condition: float32 [R, C] per-ray conditioning (C may be 0).
+      viewdirs: float32 [R, 3] unit view directions (ignored without
+        `use_viewdirs`).
+
+    Returns:
+      rgb: float32 [R, S, 3] colour in (0, 1).
+      raw_density: float32 [R, S] density before the activation.
+    """
+    if positions.ndim != 3 or positions.shape[-1] != 3:
+      raise ValueError(
+          f'positions: expected shape [R, S, 3], got {positions.shape}.')
+    if condition.ndim != 2 or condition.shape[0] != positions.shape[0]:
+      raise ValueError(
+          f'condition: expected shape [R, C] with R = {positions.shape[0]}, '
+          f'got {condition.shape}.')
+    if viewdirs.shape != (positions.shape[0], 3):
+      raise ValueError(
+          f'viewdirs: expected shape [R, 3] = {(positions.shape[0], 3)}, got '
+          f'{viewdirs.shape}.')
+    dt = self.compute_dtype
+    # Encode in float32: sin(2^9 x) in bfloat16 would lose the phase.
+    x = encoding.positional_encoding(positions.astype(jnp.float32),
+                                     self.xyz_freqs, include_input=True)
+    x = x.astype(dt)
+    h = x
+    for i in range(self.trunk_depth):
+      if i == 0:
+        h = _SplitDense(self.trunk_width, dt, name=f'trunk_{i}')(x, condition)
+      elif i == self.skip_layer:
+        # Kernel rows ordered [PE(x), condition, h] as a plain concatenation.
+        h = _SplitDense(self.trunk_width, dt, name=f'trunk_{i}')(
+            x, condition, h)
+      else:
+        h = _SplitDense(self.trunk_width, dt, name=f'trunk_{i}')(h)
+      h = nn.relu(h)
+    feature = _SplitDense(self.trunk_width, dt, name='feature')(h)
+    raw_density = _SplitDense(1, dt, name='density')(feature)[..., 0]
+
+    if self.use_viewdirs:
+      # The direction is per ray too, so it takes the per-ray path.
+      d = encoding.positional_encoding(viewdirs.astype(jnp.float32),
+                                       self.dir_freqs, include_input=False)
+      h = _SplitDense(self.color_width, dt, name='color_0')(feature, d)
+    else:
+      h = _SplitDense(self.color_width, dt, name='color_0')(feature)
+    h = nn.relu(h)
+    for i in range(1, self.color_depth):
+      h = nn.relu(_SplitDense(self.color_width, dt, name=f'color_{i}')(h))
+    logits = _SplitDense(3, dt, name='rgb')(h)
+    # The sigmoid in float32 keeps colours near 0 and 1 distinguishable.
+    rgb = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return rgb, raw_density.astype(jnp.float32)
+
+
+class LatentTable(nn.Module):
+  """The per-frame latent codes gamma (zero-initialised, float32).
+
+  Attributes:
+    num_frames: rows of the table (training frames).
+    dim: length L of each code.
+  """
+  num_frames: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, frame: jax.Array) -> jax.Array:
+    """Looks up the codes of `frame`.
+
+    Args:
+      frame: int32 [R] training-frame indices.
+
+    Returns:
+      float32 [R, L] codes.
+    """
+    # Kept float32 whatever the compute dtype: a low-precision scatter-add
+    # (the gather's gradient) is slow and lossy.
+    gamma = self.param('gamma', nn.initializers.zeros,
+                       (self.num_frames, self.dim), jnp.float32)
+    return gamma[frame]
+
+
+class NerfaceModel(nn.Module):
+  """Coarse and fine conditioned fields with hierarchical volume rendering.
+
+  Attributes:
+    num_frames: training frames (rows of the gamma table).
+    expr_dim: expression length E.
+    expr_scale: expressions are multiplied by this before conditioning.
+    latent_dim: length L of gamma.
+    use_expression: condition on the expression (False: ablation).
+    use_latent: condition on gamma (False: the "no dyn." ablation).
+    use_viewdirs: feed the view direction to the colour branch.
+    use_background: the last sample is the background pixel ('image' mode).
+    near, far: sample depth range.
+    num_coarse: stratified samples per ray.
+    num_fine: extra inverse-CDF samples per ray.
+    noise_std: std of the noise on raw density when a key is given.
+    trunk_depth, trunk_width, skip_layer, color_width, color_depth, xyz_freqs,
+      dir_freqs: sizes of both ConditionedMLPs.
+    compute_dtype: dtype of the MLP matmuls.
+  """
+  num_frames: int
+  expr_dim: int
+  expr_scale: float = 1.0 / 3.0
+  latent_dim: int = 32
+  use_expression: bool = True
+  use_latent: bool = True
+  use_viewdirs: bool = True
+  use_background: bool = True
+  near: float = 0.2
+  far: float = 0.8
+  num_coarse: int = 64
+  num_fine: int = 64
+  noise_std: float = 0.1
+  trunk_depth: int = 6
+  trunk_width: int = 256
+  skip_layer: int = 3
+  color_width: int = 128
+  color_depth: int = 3
+  xyz_freqs: int = 10
+  dir_freqs: int = 4
+  compute_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    mlp_kwargs = dict(
+        trunk_depth=self.trunk_depth, trunk_width=self.trunk_width,
+        skip_layer=self.skip_layer, color_width=self.color_width,
+        color_depth=self.color_depth, xyz_freqs=self.xyz_freqs,
+        dir_freqs=self.dir_freqs, use_viewdirs=self.use_viewdirs,
+        compute_dtype=self.compute_dtype)
+    self.coarse = ConditionedMLP(**mlp_kwargs)
+    self.fine = ConditionedMLP(**mlp_kwargs)
+    if self.use_latent:
+      self.latent = LatentTable(self.num_frames, self.latent_dim)
+
+  def _condition(self, batch: types.Batch) -> jax.Array:
+    """float32 [R, C] per-ray conditioning: [expr * scale] ++ [gamma]."""
+    num_rays = batch.frame.shape[0]
+    parts = []
+    if self.use_expression:
+      expression = batch.expression
+      if expression.shape != (num_rays, self.expr_dim):
+        raise ValueError(
+            f'batch.expression: expected shape [R, E] = '
+            f'{(num_rays, self.expr_dim)} (expr_dim={self.expr_dim}), got '
+            f'{expression.shape}.')
+      parts.append(expression.astype(jnp.float32) * self.expr_scale)
+    if self.use_latent:
+      if batch.latent is not None:
+        # Unseen frames bring their own code; the table is not touched.
+        if batch.latent.shape != (num_rays, self.latent_dim):
+          raise ValueError(
+              f'batch.latent: expected shape [R, L] = '
+              f'{(num_rays, self.latent_dim)}, got {batch.latent.shape}.')
+        parts.append(batch.latent.astype(jnp.float32))
+      else:
+        parts.append(self.latent(batch.frame))
+    if not parts:
+      return jnp.zeros((num_rays, 0), jnp.float32)
+    return jnp.concatenate(parts, axis=-1)
+
+  def _check(self, batch: types.Batch):
+    """Raises ValueError on inputs whose shapes do not fit a batch [R]."""
+    if batch.frame.ndim != 1:
+      raise ValueError(
+          f'batch.frame: expected shape [R], got {batch.frame.shape}.')
+    num_rays = batch.frame.shape[0]
+    for name, value in (('rays.origins', batch.rays.origins),
+                        ('rays.directions', batch.rays.directions),
+                        ('background', batch.background)):
+      if name == 'background' and not self.use_background:
+        continue
+      if value.shape != (num_rays, 3):
+        raise ValueError(
+            f'batch.{name}: expected shape [R, 3] = {(num_rays, 3)}, got '
+            f'{value.shape}.')
+
+  def __call__(
+      self, batch: types.Batch, key: Optional[jax.Array] = None
+  ) -> Tuple[types.Renderings, types.Renderings]:
+    """Renders the batch's rays with the coarse and the fine network.
+
+    Args:
+      batch: a Batch of R rays (`rays` [R, 3], `expression` [R, E], `frame`
+        int32 [R], `background` [R, 3], optional `latent` [R, L]).
+      key: PRNG key for stratified jitter, resampling and density noise; None
+        renders deterministically (evaluation).
+
+    Returns:
+      coarse: Renderings over `num_coarse` samples per ray.
+      fine: Renderings over `num_coarse + num_fine` sorted samples per ray.
+    """
+    self._check(batch)
+    num_rays = batch.frame.shape[0]
+    origins = batch.rays.origins.astype(jnp.float32)
+    directions = batch.rays.directions.astype(jnp.float32)
+    viewdirs = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+    background = (batch.background.astype(jnp.float32)
+                  if self.use_background else None)
+    condition = self._condition(batch)
+
+    if key is None:
+      k_strat = k_noise_c = k_fine = k_noise_f = None
+    else:
+      k_strat, k_noise_c, k_fine, k_noise_f = jax.random.split(key, 4)
+
+    def render(mlp, t, noise_key):
+      positions = origins[:, None, :] + t[..., None] * directions[:, None, :]
+      rgb, raw = mlp(positions, condition, viewdirs)
+      sigma = rendering.density(raw, noise_key, self.noise_std)
+      return rendering.composite(rgb, sigma, t, directions, background)
+
+    t_coarse = sampling.stratified(k_strat, self.near, self.far, (num_rays,),
+                                   self.num_coarse)
+    coarse = render(self.coarse, t_coarse, k_noise_c)
+    # resample stops the gradient: the fine level does not train the coarse
+    # weights through the sample positions.
+    t_fine = sampling.resample(k_fine, t_coarse, coarse.weights, self.num_fine)
+    fine = render(self.fine, t_fine, k_noise_f)
+    return coarse, fine
+
+
+def construct_model(config: ml_collections.ConfigDict, num_frames: int,
+                    expr_dim: int) -> NerfaceModel:
+  """Builds the NerfaceModel of `config` for a dataset.
+
+  Args:
+    config: the experiment config (reads `model`, `render`, `data.near`,
+      `data.far` and `data.background`).
+    num_frames: training frames (rows of the gamma table).
+    expr_dim: expression length E of the data.
+
+  Returns:
+    An unbound NerfaceModel.
+  """
+  m = config.model
+  if m.expr_dim is not None and m.expr_dim != expr_dim:
+    raise ValueError(
+        f'config.model.expr_dim = {m.expr_dim} but the data has expressions '
+        f'of length {expr_dim}; leave model.expr_dim unset to take it from '
+        'the data.')
+  if m.compute_dtype not in _DTYPES:
+    raise ValueError(
+        f'config.model.compute_dtype must be one of {sorted(_DTYPES)}; got '
+        f'{m.compute_dtype!r}.')
+  if config.data.background not in _BACKGROUNDS:
+    raise ValueError(
+        f'config.data.background must be one of {sorted(_BACKGROUNDS)}; got '
+        f'{config.data.background!r}.')
+  return NerfaceModel(
+      num_frames=num_frames,
+      expr_dim=expr_dim,
+      expr_scale=m.expr_scale,
+      latent_dim=m.latent_dim,
+      use_expression=m.use_expression,
+      use_latent=m.use_latent,
+      use_viewdirs=m.use_viewdirs,
+      use_background=_BACKGROUNDS[config.data.background],
+      near=config.data.near,
+      far=config.data.far,
+      num_coarse=config.render.num_coarse,
+      num_fine=config.render.num_fine,
+      noise_std=config.render.noise_std,
+      trunk_depth=m.trunk_depth,
+      trunk_width=m.trunk_width,
+      skip_layer=m.skip_layer,
+      color_width=m.color_width,
+      color_depth=m.color_depth,
+      xyz_freqs=m.xyz_freqs,
+      dir_freqs=m.dir_freqs,
+      compute_dtype=_DTYPES[m.compute_dtype])
+
+
+def dummy_batch(num_rays: int, expr_dim: int) -> types.Batch:
+  """A Batch of `num_rays` valid rays with zero conditioning (for init).
+
+  Args:
+    num_rays: R.
+    expr_dim: E.
+
+  Returns:
+    A Batch with rays along -z from the origin, frame 0 and no explicit
+    latent (so that initialisation creates the gamma table).
+  """
+  directions = jnp.broadcast_to(jnp.array([0.0, 0.0, -1.0], jnp.float32),
+                                (num_rays, 3))
+  return types.Batch(
+      rays=types.Rays(origins=jnp.zeros((num_rays, 3), jnp.float32),
+                      directions=directions),
+      rgb=jnp.zeros((num_rays, 3), jnp.float32),
+      background=jnp.zeros((num_rays, 3), jnp.float32),
+      expression=jnp.zeros((num_rays, expr_dim), jnp.float32),
+      frame=jnp.zeros((num_rays,), jnp.int32))
+
+
+def init_params(model: NerfaceModel, key: jax.Array, expr_dim: int):
+  """Initialises the model's parameters.
+
+  Args:
+    model: an unbound NerfaceModel.
+    key: PRNG key of the initialisation.
+    expr_dim: expression length E.
+
+  Returns:
+    The parameter tree {'coarse': ..., 'fine': ..., 'latent': {'gamma'}}
+    ('latent' only with `use_latent`), all float32.
+  """
+  batch = dummy_batch(2, expr_dim)
+  # Jitted: one compile beats op-by-op dispatch of every initialiser.
+  variables = jax.jit(model.init)(key, batch)
+  return variables['params']
