@@ -103,6 +103,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   # networks frozen). 'mean' scores better than 'fixed' on unseen frames.
   evaluation.latent = 'mean'
   evaluation.latent_frame = 0  # Training frame whose code 'fixed' uses.
+  evaluation.preview_frames = 3  # Val frames rendered at every evaluation.
 
   if preset == 'demo':
     data.synthetic_size = 64
@@ -145,4 +146,5 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     train.eval_every = 2
     train.checkpoint_every = 2
     train.keep_checkpoints = 2
+    evaluation.preview_frames = 1
   return config

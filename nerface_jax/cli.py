@@ -1,9 +1,12 @@
 """Command-line helpers shared by the entry points."""
 
+import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 
 
 def parse_flags(argv: Sequence[str],
@@ -45,3 +48,21 @@ def parse_flags_strict(
       cause = cause.args[0]
     message = str(cause.args[0] if cause.args else cause).replace('\n', '. ')
     raise flags.Error(f'unknown config key {message}') from None
+
+
+class _LibraryInfoFilter:
+  """Drops INFO records of noisy libraries (orbax logs every file it writes)."""
+
+  def __init__(self, libraries: Sequence[str]):
+    self._markers = tuple(f'{os.sep}{name}{os.sep}' for name in libraries)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        marker in record.pathname for marker in self._markers)
+
+
+def quiet_library_logs(libraries: Sequence[str] = ('orbax', 'jax')):
+  """Keeps warnings of `libraries` but not their INFO chatter."""
+  log_filter = _LibraryInfoFilter(libraries)
+  absl_logging.get_absl_handler().addFilter(log_filter)
+  logging.getLogger().addFilter(log_filter)

@@ -1,22 +1,151 @@
-"""Training: workdir set-up, data loading and (to come) the optimisation loop."""
+"""Training: the train state, the data-parallel step, and the training loop.
+
+`make_train_step` builds ONE per-device body (draw this device's share of the
+rays on the device, render, losses, gradients, `lax.pmean` over 'data',
+optax update) and maps it over every device with `jax.shard_map` under
+`jax.jit` or with `jax.pmap` (`parallel.mode`). The random stream of a step is
+a function of (seed, step, device), never of host state, so a resumed run
+repeats an uninterrupted one step for step.
+"""
 
 import json
+import math
 import pathlib
 import sys
+import time
+from typing import Any, Optional
 
 from absl import logging
+import chex
+from flax import struct
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
+from PIL import Image
 
+from nerface_jax import checkpoint
 from nerface_jax import data
+from nerface_jax import losses
+from nerface_jax import models
+from nerface_jax import parallel
+from nerface_jax import render_lib
+from nerface_jax import sampler
+from nerface_jax import summary
 
 
-def prepare_workdir(config: ml_collections.ConfigDict,
-                    workdir: str) -> pathlib.Path:
-  """Creates `workdir` and records the config there as `config.json`."""
-  path = pathlib.Path(workdir).expanduser()
-  path.mkdir(parents=True, exist_ok=True)
-  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  return path
+@struct.dataclass
+class TrainState:
+  """Everything a step changes (and a checkpoint holds).
+
+  Attributes:
+    step: int32 [] steps taken.
+    params: model parameters (the gamma table included).
+    opt_state: optax state.
+    rng: uint32 [2] base key; a step's randomness is fold_in(rng, step).
+  """
+  step: chex.Array
+  params: Any
+  opt_state: Any
+  rng: chex.Array
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on; the message says why and what was kept."""
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr * decay_rate ** (step / decay_steps), the original's decay."""
+  return optax.exponential_decay(
+      config.train.lr, transition_steps=config.train.lr_decay_steps,
+      decay_rate=config.train.lr_decay_rate)
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  return optax.adam(learning_rate_schedule(config))
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       model: models.NerfaceModel, expr_dim: int,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state from `train.seed` (host-side, not yet placed)."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  params = models.init_params(model, init_key, expr_dim)
+  return TrainState(step=jnp.int32(0), params=params,
+                    opt_state=tx.init(params), rng=train_key)
+
+
+def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
+                   latent_reg: float):
+  """The training loss of a batch and its parts.
+
+  Args:
+    params: model parameters.
+    model: the NerfaceModel.
+    batch: types.Batch of R rays with targets.
+    key: PRNG key of jitter and density noise.
+    latent_reg: weight of the gamma prior.
+
+  Returns:
+    (loss float32 [], stats dict of float32 [] values).
+  """
+  coarse, fine = model.apply({'params': params}, batch, key)
+  mse_coarse = losses.mse(coarse.rgb, batch.rgb)
+  mse_fine = losses.mse(fine.rgb, batch.rgb)
+  loss = mse_coarse + mse_fine
+  stats = {'mse_coarse': mse_coarse, 'mse_fine': mse_fine}
+  if 'latent' in params:
+    prior = losses.latent_prior(params['latent']['gamma'][batch.frame])
+    loss = loss + latent_reg * prior
+    stats['latent_prior'] = prior
+  stats['loss'] = loss
+  return loss, stats
+
+
+def make_train_step(config: ml_collections.ConfigDict,
+                    model: models.NerfaceModel,
+                    tx: optax.GradientTransformation, mesh):
+  """The data-parallel training step.
+
+  Args:
+    config: reads train.batch_rays, train.latent_reg, parallel.mode.
+    model: the NerfaceModel.
+    tx: the optimizer.
+    mesh: the device mesh (one axis 'data').
+
+  Returns:
+    step(state, device_data) -> (state, stats), the state donated. With
+    'shard_map' the arguments are replicated global arrays; with 'pmap' they
+    are stacked per local device (`parallel.stack_local`).
+  """
+  num_devices = mesh.devices.size
+  if config.train.batch_rays % num_devices:
+    raise ValueError(
+        f'train.batch_rays = {config.train.batch_rays} must be a multiple of '
+        f'the number of devices ({num_devices}).')
+  rays_per_device = config.train.batch_rays // num_devices
+  latent_reg = config.train.latent_reg
+
+  def body(state: TrainState, device_data: sampler.DeviceData):
+    # Randomness from (seed, step, device) only: resumable and identical
+    # under shard_map and pmap.
+    key = jax.random.fold_in(state.rng, state.step)
+    key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
+    sample_key, model_key = jax.random.split(key)
+    batch = sampler.sample_batch(sample_key, device_data, rays_per_device)
+    grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
+    (_, stats), grads = grad_fn(state.params, model, batch, model_key,
+                                latent_reg)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    stats = jax.lax.pmean(stats, parallel.AXIS)
+    stats['psnr'] = losses.psnr(stats['mse_fine'])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), stats
+
+  return parallel.map_step(body, config.parallel.mode, mesh)
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, data.Dataset]:
@@ -34,20 +163,216 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, data.Dataset]:
   return splits
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Prepares the workdir and data of a run."""
-  workdir = prepare_workdir(config, workdir)
+def device_data(dataset: data.Dataset, bbox_weight: float):
+  """The sampling tables of a training split (host numpy)."""
+  return sampler.prepare(dataset.images, dataset.c2w, dataset.expressions,
+                         dataset.bboxes, dataset.background,
+                         dataset.intrinsics, bbox_weight)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _restore(ckpt: checkpoint.Checkpoints, target: TrainState,
+             config: ml_collections.ConfigDict) -> TrainState:
+  """Restores the latest checkpoint, explaining a config mismatch."""
   try:
-    splits = load_data(config)
-  except data.DatasetError as e:
-    # The message names the file and frame; a traceback would bury it.
-    logging.error('%s', e)
-    sys.exit(f'Dataset error: {e}')
+    return ckpt.restore(target)
+  except (ValueError, KeyError) as e:
+    saved = _flatten(ckpt.restore_config())
+    current = _flatten(_config_dict(config))
+    differing = sorted(k for k in saved.keys() | current.keys()
+                       if saved.get(k) != current.get(k))
+    raise TrainingError(
+        f'{ckpt.directory}: the latest checkpoint (step {ckpt.latest_step()}) '
+        f'does not fit this config ({e}). Keys that differ from the saved '
+        f'config: {", ".join(differing) or "none"}. Use another --workdir or '
+        'the saved settings.') from None
+
+
+class _Evaluator:
+  """Renders val frames during training: PSNR, preview PNGs, TB images."""
+
+  def __init__(self, config, model, mesh, val: Optional[data.Dataset],
+               workdir: pathlib.Path):
+    self.config = config
+    self.mesh = mesh
+    self.val = val
+    self.previews = workdir / 'previews'
+    self.render_chunk = render_lib.make_render_chunk(model, mesh)
+    count = min(config.eval.preview_frames, val.num_frames) if val else 0
+    # Spread over the split so previews show different poses.
+    self.frames = (np.linspace(0, val.num_frames - 1, count).round().astype(
+        int).tolist() if count else [])
+
+  def __call__(self, params, step: int, writer, is_main: bool) -> dict:
+    if not self.frames:
+      return {}
+    choice = self.config.eval.latent
+    if choice == 'optimize':
+      # Fitting codes per frame is a render-time job; training previews use
+      # the mean code.
+      choice = 'mean'
+    host_params = parallel.to_host(params)
+    latent = render_lib.eval_latent(host_params, choice,
+                                    self.config.eval.latent_frame,
+                                    self.config.model.latent_dim)
+    params = parallel.replicate(host_params, self.mesh)
+    psnrs = []
+    for index in self.frames:
+      inputs = render_lib.frame_inputs(self.val, index, latent)
+      out = render_lib.render_frame(
+          self.render_chunk, params, inputs, self.val.height, self.val.width,
+          self.config.render.chunk, self.mesh)
+      truth = self.val.images[index].astype(np.float32) / 255.0
+      psnrs.append(float(losses.psnr(np.mean((out['rgb'] - truth) ** 2))))
+      if is_main:
+        panel = np.concatenate([
+            render_lib.to_uint8(out['rgb']), self.val.images[index],
+            render_lib.depth_image(out['depth'], self.config.data.near,
+                                   self.config.data.far)], axis=1)
+        name = pathlib.PurePosixPath(self.val.file_paths[index]).name
+        self.previews.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(panel).save(
+            self.previews / f'step_{step:07d}_{name}.png')
+        writer.image(step, f'val/{name}', panel)
+    return {'val_psnr': float(np.mean(psnrs))}
+
+
+def _host(tree, mode: str):
+  return parallel.to_host(parallel.unstack(tree) if mode == 'pmap' else tree)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (resuming from the latest checkpoint) and evaluates on val.
+
+  Args:
+    config: the experiment config.
+    workdir: folder for config.json, checkpoints/, TensorBoard events,
+      metrics.jsonl and previews/.
+
+  Returns:
+    The last logged metrics row.
+  """
+  is_main = jax.process_index() == 0
+  workdir = pathlib.Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_json = _config_dict(config)
+  if is_main:
+    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
+
+  splits = load_data(config)
+  train = splits['train']
   for name, split in splits.items():
     logging.info('%s: %d frames of %dx%d, %d expression values (%s)', name,
                  split.num_frames, split.width, split.height, split.expr_dim,
                  split.path)
-  print(json.dumps({name: {'frames': s.num_frames, 'height': s.height,
-                           'width': s.width, 'expr_dim': s.expr_dim}
-                    for name, s in splits.items()}))
-  return splits
+
+  mode = config.parallel.mode
+  mesh = parallel.make_mesh()
+  model = models.construct_model(config, train.num_frames, train.expr_dim)
+  tx = make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  # Checkpoints hold the replicated global state (the shard_map layout), so
+  # runs can resume in either mode and on any number of devices.
+  state = parallel.replicate(
+      create_train_state(config, model, train.expr_dim, tx), mesh)
+  ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = _restore(ckpt, state, config)
+    logging.info('Resumed from %s at step %d.', ckpt.directory,
+                 ckpt.latest_step())
+  start = int(parallel.to_host(state.step))
+
+  if mode == 'pmap':
+    state = parallel.stack_local(parallel.to_host(state))
+    train_data = parallel.stack_local(
+        device_data(train, config.data.bbox_weight))
+  else:
+    train_data = parallel.replicate(
+        device_data(train, config.data.bbox_weight), mesh)
+  step_fn = make_train_step(config, model, tx, mesh)
+  evaluator = _Evaluator(config, model, mesh, splits.get('val'), workdir)
+
+  writer = summary.EventWriter(workdir) if is_main else None
+  metrics_log = summary.MetricsLog(workdir / 'metrics.jsonl')
+  progress = summary.Progress(config.train.max_steps)
+  every = lambda n, step: step % n == 0 or step == config.train.max_steps
+  last_row: dict[str, float] = {}
+  last_saved = ckpt.latest_step()
+  timer_step, timer = start, None
+  try:
+    in_flight = None
+    for step in range(start + 1, config.train.max_steps + 1):
+      state, stats = step_fn(state, train_data)
+      # At most two steps in flight: enough to hide dispatch, and an
+      # unbounded queue of collective programs can stall XLA's CPU runtime.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+      in_flight = stats
+      if timer is None:
+        # The first step includes compilation: time from its end.
+        jax.block_until_ready(stats)
+        timer_step, timer = step, time.perf_counter()
+      log_now = every(config.train.log_every, step)
+      save_now = every(config.train.checkpoint_every, step)
+      eval_now = every(config.train.eval_every, step)
+      if not (log_now or save_now or eval_now):
+        continue
+      stats = {k: float(v) for k, v in _host(stats, mode).items()}
+      if not math.isfinite(stats['loss']):
+        raise TrainingError(
+            f'The loss became {stats["loss"]} at step {step}. Nothing after '
+            f'the last good checkpoint was saved (step {last_saved} in '
+            f'{ckpt.directory}). Try a lower --config.train.lr.')
+      steps_per_sec = (step - timer_step) / max(
+          time.perf_counter() - timer, 1e-9)
+      # The update of step s (1-based) used the rate of schedule(s - 1).
+      row = {'step': step, 'lr': float(schedule(step - 1)),
+             'rays_per_sec': steps_per_sec * config.train.batch_rays,
+             'steps_per_sec': steps_per_sec, **stats}
+      if eval_now:
+        row.update(evaluator(
+            parallel.unstack(state.params) if mode == 'pmap' else
+            state.params, step, writer, is_main))
+      if save_now:
+        ckpt.save(step, parallel.replicate(_host(state, mode), mesh)
+                  if mode == 'pmap' else state, config_json)
+        last_saved = step
+      if is_main:
+        metrics_log.write(row)
+        writer.scalars(step, {k: v for k, v in row.items() if k != 'step'})
+        writer.flush()
+        progress.update(step, row['loss'], row['psnr'], row['rays_per_sec'],
+                        steps_per_sec)
+      last_row = row
+      # Evaluation and saving are not training time.
+      timer_step, timer = step, time.perf_counter()
+  finally:
+    progress.close()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  return last_row
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
+  """`train.py`'s body: clear one-line errors for bad data or divergence."""
+  try:
+    return train_and_evaluate(config, workdir)
+  except (data.DatasetError, TrainingError) as e:
+    logging.error('%s', e)
+    sys.exit(f'Error: {e}')
+
