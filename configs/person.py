@@ -104,6 +104,12 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   evaluation.latent = 'mean'
   evaluation.latent_frame = 0  # Training frame whose code 'fixed' uses.
   evaluation.preview_frames = 3  # Val frames rendered at every evaluation.
+  # eval.latent = 'optimize': Adam steps, rays per frame per step, learning
+  # rate, and frames fitted together.
+  evaluation.optimize_steps = 200
+  evaluation.optimize_rays = 512
+  evaluation.optimize_lr = 1e-2
+  evaluation.optimize_batch = 8
 
   if preset == 'demo':
     data.synthetic_size = 64
@@ -147,4 +153,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     train.checkpoint_every = 2
     train.keep_checkpoints = 2
     evaluation.preview_frames = 1
+    evaluation.optimize_steps = 5
+    evaluation.optimize_rays = 16
+    evaluation.optimize_batch = 2
   return config

@@ -47,7 +47,8 @@ class Checkpoints:
         enable_async_checkpointing=async_save,
         **_keep_policy(keep))
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=('state', 'config'))
+        self.directory, options=options,
+        item_names=('state', 'config', 'meta'))
 
   def latest_step(self) -> Optional[int]:
     """The step of the newest complete checkpoint, or None."""
@@ -56,13 +57,17 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, config: dict[str, Any]) -> bool:
+  def save(self, step: int, state: Any, config: dict[str, Any],
+           meta: Optional[dict[str, Any]] = None) -> bool:
     """Starts saving `state` at `step` (returns at once when asynchronous).
 
     Args:
       step: the training step the state belongs to.
       state: a pytree of arrays (the train state).
       config: the run's config as a JSON-serialisable dict.
+      meta: facts about the data the state was trained on (JSON-serialisable),
+        e.g. frame count and expression length, so that the model can be
+        rebuilt without reading the training images.
 
     Returns:
       Whether a save was started.
@@ -70,7 +75,8 @@ class Checkpoints:
     return self._manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(config)), force=True)
+            config=ocp.args.JsonSave(config),
+            meta=ocp.args.JsonSave(meta or {})), force=True)
 
   def restore(self, target: Any, step: Optional[int] = None) -> Any:
     """Restores the state at `step` (default: latest) into `target`'s structure.
@@ -102,12 +108,25 @@ class Checkpoints:
 
   def restore_config(self, step: Optional[int] = None) -> dict[str, Any]:
     """The config saved beside the checkpoint at `step` (default: latest)."""
+    return self._restore_json('config', step)
+
+  def restore_meta(self, step: Optional[int] = None) -> dict[str, Any]:
+    """The data facts saved beside the checkpoint at `step` (default: latest).
+
+    Empty when the checkpoint has none.
+    """
+    try:
+      return self._restore_json('meta', step)
+    except KeyError:
+      return {}
+
+  def _restore_json(self, item: str, step: Optional[int]) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{self.directory}: no checkpoint.')
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored.config
+        step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+    return restored[item]
 
   def wait(self):
     """Blocks until pending asynchronous saves are complete."""

@@ -168,12 +168,30 @@ def sample_pixels(key: chex.PRNGKey, data: DeviceData, num_rays: int):
   Returns:
     frame int32 [R] and pixels int32 [R, 2] as (column i, row j).
   """
-  k_frame, k_side, k_row, k_col, k_out = jax.random.split(key, 5)
-  u = jax.random.uniform(k_frame, (num_rays,))
+  frame_key, pixel_key = jax.random.split(key)
+  u = jax.random.uniform(frame_key, (num_rays,))
   num_frames = data.frame_cdf.shape[0]
   frame = jnp.minimum(
       jnp.searchsorted(data.frame_cdf, u, side='right'), num_frames - 1)
   frame = frame.astype(jnp.int32)
+  return frame, pixels_in_frames(pixel_key, data, frame)
+
+
+def pixels_in_frames(key: chex.PRNGKey, data: DeviceData,
+                     frame: chex.Array) -> chex.Array:
+  """Draws one pixel of each given frame, bbox-weighted within the frame.
+
+  Args:
+    key: PRNG key.
+    data: DeviceData.
+    frame: int32 [R] frame of each ray (fixed by the caller: per-frame
+      fitting of latent codes draws a set number of rays from every frame).
+
+  Returns:
+    int32 [R, 2] pixels as (column i, row j).
+  """
+  num_rays = frame.shape[0]
+  k_side, k_row, k_col, k_out = jax.random.split(key, 4)
   box = data.boxes[frame]
   inside = jax.random.uniform(k_side, (num_rays,)) < data.inside_prob[frame]
   row_in = box[:, 0] + _uniform_index(k_row, box[:, 1] - box[:, 0])
@@ -184,7 +202,7 @@ def sample_pixels(key: chex.PRNGKey, data: DeviceData, num_rays: int):
       _uniform_index(k_out, jnp.maximum(area_out, 1)), box, data.width)
   row = jnp.where(inside, row_in, row_out)
   col = jnp.where(inside, col_in, col_out)
-  return frame, jnp.stack([col, row], axis=-1)
+  return jnp.stack([col, row], axis=-1)
 
 
 def gather_batch(data: DeviceData, frame: chex.Array,

@@ -163,6 +163,14 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, data.Dataset]:
   return splits
 
 
+def data_facts(train: data.Dataset) -> dict[str, Any]:
+  """What a checkpoint must know of its training data to be rebuilt."""
+  return {'data_dir': str(train.path), 'num_train_frames': train.num_frames,
+          'expr_dim': train.expr_dim, 'height': train.height,
+          'width': train.width,
+          'intrinsics': [float(v) for v in train.intrinsics]}
+
+
 def device_data(dataset: data.Dataset, bbox_weight: float):
   """The sampling tables of a training split (host numpy)."""
   return sampler.prepare(dataset.images, dataset.c2w, dataset.expressions,
@@ -275,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   splits = load_data(config)
   train = splits['train']
+  meta = data_facts(train)
   for name, split in splits.items():
     logging.info('%s: %d frames of %dx%d, %d expression values (%s)', name,
                  split.num_frames, split.width, split.height, split.expr_dim,
@@ -349,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             state.params, step, writer, is_main))
       if save_now:
         ckpt.save(step, parallel.replicate(_host(state, mode), mesh)
-                  if mode == 'pmap' else state, config_json)
+                  if mode == 'pmap' else state, config_json, meta)
         last_saved = step
       if is_main:
         metrics_log.write(row)

@@ -26,10 +26,11 @@ def _state(step, size=8):
 def test_round_trip_keeps_values_types_and_config(tmp_path):
   with checkpoint.Checkpoints(tmp_path, keep=2) as ckpt:
     assert ckpt.latest_step() is None
-    ckpt.save(5, _state(5), {'train': {'lr': 0.1}})
+    ckpt.save(5, _state(5), {'train': {'lr': 0.1}}, {'expr_dim': 76})
   with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
     restored = ckpt.restore(_state(0))
     assert ckpt.restore_config() == {'train': {'lr': 0.1}}
+    assert ckpt.restore_meta() == {'expr_dim': 76}
   chex.assert_trees_all_equal(restored, _state(5))
   # The optax state keeps its named-tuple types, not plain lists.
   chex.assert_trees_all_equal_structs(restored, _state(0))
