@@ -311,7 +311,10 @@ class NerfaceModel(nn.Module):
       batch: a Batch of R rays (`rays` [R, 3], `expression` [R, E], `frame`
         int32 [R], `background` [R, 3], optional `latent` [R, L]).
       key: PRNG key for stratified jitter, resampling and density noise; None
-        renders deterministically (evaluation).
+        renders deterministically (evaluation). Either one key [2] for the
+        whole batch, or one key per ray [R, 2]: then every ray's randomness
+        is its own, so results do not depend on how a global batch is split
+        over devices.
 
     Returns:
       coarse: Renderings over `num_coarse` samples per ray.
@@ -326,23 +329,38 @@ class NerfaceModel(nn.Module):
                   if self.use_background else None)
     condition = self._condition(batch)
 
+    per_ray = key is not None and jnp.ndim(key) == 2
     if key is None:
-      k_strat = k_noise_c = k_fine = k_noise_f = None
+      keys = [None] * 4
+    elif per_ray:
+      if key.shape[0] != num_rays:
+        raise ValueError(f'key: expected one key per ray [R, 2] = '
+                         f'{(num_rays, 2)}, got {key.shape}.')
+      split = jax.vmap(lambda k: jax.random.split(k, 4))(key)
+      keys = [split[:, n] for n in range(4)]
     else:
-      k_strat, k_noise_c, k_fine, k_noise_f = jax.random.split(key, 4)
+      keys = list(jax.random.split(key, 4))
+    k_strat, k_noise_c, k_fine, k_noise_f = keys
+
+    def keyed(fn, k, *args):
+      # With per-ray keys each ray draws from its own key (vmapped).
+      return jax.vmap(fn)(k, *args) if per_ray else fn(k, *args)
 
     def render(mlp, t, noise_key):
       positions = origins[:, None, :] + t[..., None] * directions[:, None, :]
       rgb, raw = mlp(positions, condition, viewdirs)
-      sigma = rendering.density(raw, noise_key, self.noise_std)
+      sigma = keyed(lambda k, r: rendering.density(r, k, self.noise_std),
+                    noise_key, raw)
       return rendering.composite(rgb, sigma, t, directions, background)
 
-    t_coarse = sampling.stratified(k_strat, self.near, self.far, (num_rays,),
-                                   self.num_coarse)
+    shape = () if per_ray else (num_rays,)
+    t_coarse = keyed(lambda k: sampling.stratified(
+        k, self.near, self.far, shape, self.num_coarse), k_strat)
     coarse = render(self.coarse, t_coarse, k_noise_c)
     # resample stops the gradient: the fine level does not train the coarse
     # weights through the sample positions.
-    t_fine = sampling.resample(k_fine, t_coarse, coarse.weights, self.num_fine)
+    t_fine = keyed(lambda k, t, w: sampling.resample(k, t, w, self.num_fine),
+                   k_fine, t_coarse, coarse.weights)
     fine = render(self.fine, t_fine, k_noise_f)
     return coarse, fine
 

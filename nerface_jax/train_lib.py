@@ -84,7 +84,7 @@ def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
     params: model parameters.
     model: the NerfaceModel.
     batch: types.Batch of R rays with targets.
-    key: PRNG key of jitter and density noise.
+    key: PRNG key of jitter and density noise ([2], or [R, 2] per ray).
     latent_reg: weight of the gamma prior.
 
   Returns:
@@ -124,18 +124,25 @@ def make_train_step(config: ml_collections.ConfigDict,
     raise ValueError(
         f'train.batch_rays = {config.train.batch_rays} must be a multiple of '
         f'the number of devices ({num_devices}).')
-  rays_per_device = config.train.batch_rays // num_devices
+  batch_rays = config.train.batch_rays
+  rays_per_device = batch_rays // num_devices
   latent_reg = config.train.latent_reg
 
   def body(state: TrainState, device_data: sampler.DeviceData):
-    # Randomness from (seed, step, device) only: resumable and identical
-    # under shard_map and pmap.
+    # Every device draws the same global batch of (frame, pixel) pairs and
+    # per-ray keys from (seed, step), then keeps its own slice: the numbers
+    # are the same on 1, 4 or 4,096 devices, under shard_map and pmap, and
+    # after a resume. Drawing indices for the whole batch costs next to
+    # nothing; only the device's own rays are gathered and rendered.
     key = jax.random.fold_in(state.rng, state.step)
-    key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
     sample_key, model_key = jax.random.split(key)
-    batch = sampler.sample_batch(sample_key, device_data, rays_per_device)
+    frame, pixels = sampler.sample_pixels(sample_key, device_data, batch_rays)
+    ray_keys = jax.random.split(model_key, batch_rays)
+    start = jax.lax.axis_index(parallel.AXIS) * rays_per_device
+    mine = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rays_per_device)
+    batch = sampler.gather_batch(device_data, mine(frame), mine(pixels))
     grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
-    (_, stats), grads = grad_fn(state.params, model, batch, model_key,
+    (_, stats), grads = grad_fn(state.params, model, batch, mine(ray_keys),
                                 latent_reg)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     stats = jax.lax.pmean(stats, parallel.AXIS)

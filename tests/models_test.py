@@ -447,6 +447,26 @@ def test_key_none_is_deterministic_and_keys_randomise(tiny):
     assert np.max(np.abs(k1[level].t - a[level].t)) > 1e-4
 
 
+def test_per_ray_keys_make_each_ray_independent_of_its_batch(tiny):
+  """With one key per ray, a ray renders the same alone or in any batch
+  (what makes training independent of the device count)."""
+  model, params = tiny
+  batch = _batch(6)
+  keys = jax.random.split(jax.random.PRNGKey(3), batch.frame.shape[0])
+  apply = jax.jit(model.apply)
+  whole = apply({'params': params}, batch, keys)
+  half = batch.frame.shape[0] // 2
+  part = jax.tree.map(lambda x: x[half:], batch)
+  tail = apply({'params': params}, part, keys[half:])
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[half:], whole), tail,
+                              atol=1e-6)
+  # Still random: other keys move the samples.
+  other = apply({'params': params}, batch, keys[::-1])
+  assert np.max(np.abs(other[0].t - whole[0].t)) > 1e-4
+  with pytest.raises(ValueError, match='one key per ray'):
+    model.apply({'params': params}, batch, keys[:2])
+
+
 def test_density_noise_follows_noise_std(tiny):
   # The same key gives the same jitter, so with noise_std 0.1 against 0 only
   # the density noise separates the coarse renderings.

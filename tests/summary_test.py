@@ -9,28 +9,25 @@ from PIL import Image
 from nerface_jax import summary
 
 
+def _varint(message: bytes, pos: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    byte = message[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    shift += 7
+    if byte < 0x80:
+      return value, pos
+
+
 def _parse(message: bytes) -> dict[int, list]:
   """A minimal protobuf decoder written independently of the writer."""
   fields, pos = {}, 0
   while pos < len(message):
-    key, shift = 0, 0
-    while True:
-      byte = message[pos]
-      pos += 1
-      key |= (byte & 0x7F) << shift
-      shift += 7
-      if byte < 0x80:
-        break
+    key, pos = _varint(message, pos)
     number, wire = key >> 3, key & 7
     if wire == 0:
-      value, shift = 0, 0
-      while True:
-        byte = message[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-          break
+      value, pos = _varint(message, pos)
     elif wire == 1:
       value = struct.unpack('<d', message[pos:pos + 8])[0]
       pos += 8
@@ -38,14 +35,7 @@ def _parse(message: bytes) -> dict[int, list]:
       value = struct.unpack('<f', message[pos:pos + 4])[0]
       pos += 4
     elif wire == 2:
-      length, shift = 0, 0
-      while True:
-        byte = message[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-          break
+      length, pos = _varint(message, pos)
       value = message[pos:pos + length]
       pos += length
     else:

@@ -6,7 +6,7 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import optax
 import pytest
@@ -45,9 +45,10 @@ def _host_data():
       intrinsics=np.float32([-10, 10, 0.5, 0.5]), bbox_weight=0.9)
 
 
-def _run_steps(config, num_steps, tx=None):
+def _run_steps(config, num_steps, tx=None, devices=None):
   """Runs `num_steps` mapped steps; returns the host state and the stats."""
-  mesh = parallel.make_mesh()
+  mesh = (parallel.make_mesh() if devices is None else
+          Mesh(np.asarray(jax.devices()[:devices]), (parallel.AXIS,)))
   model = models.construct_model(config, F, E)
   tx = tx or train_lib.make_optimizer(config)
   state = train_lib.create_train_state(config, model, E, tx)
@@ -93,26 +94,32 @@ def test_shard_map_and_pmap_give_the_same_parameters():
   chex.assert_trees_all_close(adam_a, adam_b, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_are_averaged_over_devices():
-  """A 4-device step of 64 rays equals the mean of the four per-device
-  gradients, each computed by hand from that device's own rays and key."""
+def test_one_device_and_four_devices_give_the_same_parameters():
+  """The global batch and its per-ray randomness do not depend on how many
+  devices share it, so neither do the parameters."""
   config = _tiny_config()
-  mesh = parallel.make_mesh()
+  one, stats_one = _run_steps(config, 3, tx=optax.sgd(0.5), devices=1)
+  four, stats_four = _run_steps(config, 3, tx=optax.sgd(0.5), devices=4)
+  chex.assert_trees_all_close(one.params, four.params, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(stats_one, stats_four, atol=1e-5, rtol=1e-5)
+
+
+def test_step_is_the_gradient_of_the_global_batch():
+  """A 4-device step equals one SGD step on the whole batch, computed by hand
+  from the same (frame, pixel) draws and per-ray keys."""
+  config = _tiny_config()
   model = models.construct_model(config, F, E)
   state = train_lib.create_train_state(config, model, E, optax.sgd(0.5))
   data = _host_data()
-  per_device = config.train.batch_rays // 4
-  grads = []
-  for device in range(4):
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), device)
-    sample_key, model_key = jax.random.split(key)
-    batch = sampler.sample_batch(sample_key, data, per_device)
-    grads.append(jax.grad(
-        lambda p: train_lib.compute_losses(p, model, batch, model_key,
-                                           config.train.latent_reg)[0])(
-                                               state.params))
-  mean_grad = jax.tree.map(lambda *g: sum(g) / 4, *grads)
-  expected = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, mean_grad)
+  key = jax.random.fold_in(state.rng, 0)
+  sample_key, model_key = jax.random.split(key)
+  rays = config.train.batch_rays
+  frame, pixels = sampler.sample_pixels(sample_key, data, rays)
+  batch = sampler.gather_batch(data, frame, pixels)
+  ray_keys = jax.random.split(model_key, rays)
+  grad = jax.grad(lambda p: train_lib.compute_losses(
+      p, model, batch, ray_keys, config.train.latent_reg)[0])(state.params)
+  expected = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, grad)
   got, _ = _run_steps(config, 1, tx=optax.sgd(0.5))
   chex.assert_trees_all_close(got.params, expected, atol=1e-5, rtol=1e-4)
 
