@@ -154,7 +154,10 @@ def render_frame(render_chunk: Callable[..., Any], params: Any,
     out = render_chunk(params, piece, inputs)
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
-    outputs.append(jax.device_get(out))
+    # Kept on the device until all chunks are dispatched, so that copying
+    # results back never stalls the next chunk's computation.
+    outputs.append(out)
+  outputs = jax.device_get(outputs)
   joined = {k: np.concatenate([o[k] for o in outputs])[:total]
             for k in outputs[0]}
   return {k: v.reshape((height, width) + v.shape[1:]) for k, v in joined.items()}
