@@ -1,0 +1,263 @@
+"""Time to quality: test PSNR against wall-clock training time (demo preset).
+
+Trains a preset (default `demo`: the built-in synthetic person at 64x64)
+with the library's training step and, every `--eval_every` steps, renders the
+test split (frames after the training period in time; novel poses and
+expressions) with the config's `eval.latent` code and records the mean
+per-frame PSNR. The clock counts training only (the first step's
+compilation included, evaluation excluded); the total wall time is recorded
+too. Writes a CSV and a PNG plot (drawn with Pillow).
+
+  python bench/quality_bench.py [--preset demo] [--max_steps N]
+      [--minutes M] [--eval_every 250] [--test_frames K]
+      [--out bench/results] [--cpu_devices N]
+
+`--minutes` stops training at the first evaluation after M minutes of
+training time. `--cpu_devices N` splits the CPU into N JAX devices (set
+before JAX starts).
+"""
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import sys
+import time
+
+
+def _set_cpu_devices(argv: list[str]):
+  """Applies --cpu_devices before JAX is imported (it is read at start)."""
+  for i, arg in enumerate(argv):
+    value = None
+    if arg.startswith('--cpu_devices='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--cpu_devices' and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value:
+      flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+               if 'device_count' not in f]
+      os.environ['XLA_FLAGS'] = ' '.join(
+          flags + [f'--xla_force_host_platform_device_count={int(value)}'])
+
+
+_set_cpu_devices(sys.argv)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+
+# Run as a script from anywhere: the package lives one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import train_bench
+from configs import person
+from nerface_jax import metrics
+from nerface_jax import models
+from nerface_jax import parallel
+from nerface_jax import render_lib
+from nerface_jax import train_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+FIELDS = ('step', 'train_seconds', 'wall_seconds', 'train_psnr', 'test_psnr',
+          'load')
+
+
+class TestEvaluator:
+  """Mean PSNR of rendered test frames against their images."""
+
+  def __init__(self, config, model, mesh, test, num_frames: int):
+    self.config, self.mesh, self.test = config, mesh, test
+    self.render_chunk = render_lib.make_render_chunk(model, mesh)
+    count = test.num_frames if num_frames <= 0 else min(num_frames,
+                                                        test.num_frames)
+    self.frames = np.linspace(0, test.num_frames - 1, count).round().astype(
+        int).tolist()
+
+  def __call__(self, params) -> float:
+    host = parallel.to_host(params)
+    choice = self.config.eval.latent
+    # Fitting codes per frame is a render-time option; the mean code is its
+    # cheap stand-in here.
+    latent = render_lib.eval_latent(
+        host, 'mean' if choice == 'optimize' else choice,
+        self.config.eval.latent_frame, self.config.model.latent_dim)
+    placed = parallel.replicate(host, self.mesh)
+    scores = []
+    for index in self.frames:
+      out = render_lib.render_frame(
+          self.render_chunk, placed,
+          render_lib.frame_inputs(self.test, index, latent),
+          self.test.height, self.test.width, self.config.render.chunk,
+          self.mesh)
+      scores.append(metrics.psnr(out['rgb'], self.test.images[index]))
+    return float(np.mean(scores))
+
+
+def _nice_step(span: float, target: int = 6) -> float:
+  """A 1-2-5 tick spacing giving about `target` ticks over `span`."""
+  raw = max(span, 1e-9) / target
+  power = 10.0**math.floor(math.log10(raw))
+  for m in (1, 2, 5, 10):
+    if m * power >= raw:
+      return m * power
+  return 10 * power
+
+
+def plot(rows: list[dict], path: pathlib.Path, title: str):
+  """Draws test (and train-batch) PSNR against training minutes as a PNG.
+
+  Args:
+    rows: dicts with 'train_seconds', 'test_psnr', 'train_psnr'.
+    path: the PNG to write.
+    title: line drawn above the plot.
+  """
+  width, height = 760, 460
+  left, right, top, bottom = 70, 24, 40, 56
+  image = Image.new('RGB', (width, height), 'white')
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default()
+  xs = [r['train_seconds'] / 60 for r in rows]
+  ys = [v for r in rows for v in (r['test_psnr'], r['train_psnr'])
+        if v == v]
+  x_max = max(xs[-1], 1e-3)
+  y_lo, y_hi = math.floor(min(ys)) - 1, math.ceil(max(ys)) + 1
+  to_px = lambda x, y: (
+      left + (width - left - right) * x / x_max,
+      height - bottom - (height - top - bottom) * (y - y_lo) / (y_hi - y_lo))
+
+  step = _nice_step(x_max)
+  tick = 0.0
+  while tick <= x_max + 1e-9:
+    px, _ = to_px(tick, y_lo)
+    draw.line([(px, top), (px, height - bottom)], fill=(225, 225, 225))
+    draw.text((px - 8, height - bottom + 6), f'{tick:g}', fill='black',
+              font=font)
+    tick += step
+  step = _nice_step(y_hi - y_lo)
+  tick = math.ceil(y_lo / step) * step
+  while tick <= y_hi + 1e-9:
+    _, py = to_px(0, tick)
+    draw.line([(left, py), (width - right, py)], fill=(225, 225, 225))
+    draw.text((left - 34, py - 6), f'{tick:g}', fill='black', font=font)
+    tick += step
+  draw.rectangle([(left, top), (width - right, height - bottom)],
+                 outline='black')
+  draw.text((width // 2 - 90, height - 24),
+            'training time (minutes, evaluation excluded)', fill='black',
+            font=font)
+  draw.text((8, top - 24), 'PSNR (dB)', fill='black', font=font)
+  draw.text((left, 10), title, fill='black', font=font)
+
+  series = (('test_psnr', (20, 90, 200), 'test PSNR (mean over frames)'),
+            ('train_psnr', (150, 150, 150), 'train batch PSNR (fine)'))
+  # The train curve first, so the test curve is drawn on top.
+  for key, colour, _ in reversed(series):
+    points = [to_px(x, r[key]) for x, r in zip(xs, rows) if r[key] == r[key]]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    for px, py in points:
+      draw.ellipse([(px - 3, py - 3), (px + 3, py + 3)], fill=colour)
+  legend_y = height - bottom - 40
+  for i, (_, colour, label) in enumerate(series):
+    y = legend_y + 16 * i
+    draw.line([(width - right - 220, y + 6), (width - right - 196, y + 6)],
+              fill=colour, width=3)
+    draw.text((width - right - 190, y), label, fill='black', font=font)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image.save(path)
+
+
+def write_csv(rows: list[dict], path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: (f'{row[k]:.4f}' if isinstance(row[k], float) else
+                           row[k]) for k in FIELDS})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--preset', default='demo', choices=person.PRESETS)
+  parser.add_argument('--max_steps', type=int, default=None)
+  parser.add_argument('--minutes', type=float, default=0.0,
+                      help='stop after this much training time (0: never)')
+  parser.add_argument('--eval_every', type=int, default=250)
+  parser.add_argument('--test_frames', type=int, default=0,
+                      help='test frames rendered per evaluation (0: all)')
+  parser.add_argument('--cache_dir', default=None,
+                      help='where the built-in person is generated')
+  parser.add_argument('--out', default=str(
+      pathlib.Path(__file__).resolve().parent / 'results'))
+  parser.add_argument('--cpu_devices', type=int, default=None,
+                      help='split the CPU into N devices (before JAX starts)')
+  args = parser.parse_args()
+
+  config = person.get_config(args.preset)
+  if args.max_steps:
+    config.train.max_steps = args.max_steps
+  if args.cache_dir:
+    config.data.cache_dir = args.cache_dir
+  out = pathlib.Path(args.out)
+  name = f'time_to_quality_{args.preset}'
+  wall_start = time.perf_counter()
+  splits = train_lib.load_data(config)
+  train, test = splits['train'], splits['test']
+  mesh = parallel.make_mesh()
+  model = models.construct_model(config, train.num_frames, train.expr_dim)
+  tx = train_lib.make_optimizer(config)
+  state = parallel.replicate(
+      train_lib.create_train_state(config, model, train.expr_dim, tx), mesh)
+  train_data = parallel.replicate(
+      train_lib.device_data(train, config.data.bbox_weight), mesh)
+  step_fn = train_lib.make_train_step(config, model, tx, mesh)
+  evaluate = TestEvaluator(config, model, mesh, test, args.test_frames)
+  print(f'devices: {train_bench.describe_devices()}')
+  print(f'{args.preset}: {train.num_frames} train frames of {train.width}x'
+        f'{train.height}, {len(evaluate.frames)} test frames, '
+        f'{config.train.batch_rays} rays/step, up to {config.train.max_steps} '
+        'steps', flush=True)
+
+  rows = []
+  train_seconds = 0.0
+
+  def record(step: int, train_psnr: float):
+    load = train_bench.load_average()
+    psnr = evaluate(state.params)
+    rows.append({'step': step, 'train_seconds': train_seconds,
+                 'wall_seconds': time.perf_counter() - wall_start,
+                 'train_psnr': train_psnr, 'test_psnr': psnr, 'load': load})
+    print(f'step {step:6d}  {train_seconds / 60:6.2f} min  train '
+          f'{train_psnr:6.2f} dB  test {psnr:6.2f} dB  (load {load:.2f})',
+          flush=True)
+    write_csv(rows, out / f'{name}.csv')
+
+  record(0, float('nan'))
+  for step in range(1, config.train.max_steps + 1):
+    start = time.perf_counter()
+    state, stats = step_fn(state, train_data)
+    # Waiting on every step makes the clock exact; the cost is one dispatch
+    # latency per step.
+    jax.block_until_ready(stats)
+    train_seconds += time.perf_counter() - start
+    last = step == config.train.max_steps
+    if step % args.eval_every == 0 or last:
+      record(step, float(parallel.to_host(stats)['psnr']))
+      if last or (args.minutes and train_seconds >= 60 * args.minutes):
+        break
+
+  title = (f'{args.preset} preset: {train.num_frames} frames of '
+           f'{train.width}x{train.height}, {config.train.batch_rays} rays/step,'
+           f' {jax.device_count()} x {jax.devices()[0].platform}; best test '
+           f'{max(r["test_psnr"] for r in rows):.2f} dB')
+  plot(rows, out / f'{name}.png', title)
+  print(f'wrote {out / f"{name}.csv"} and {out / f"{name}.png"}')
+
+
+if __name__ == '__main__':
+  main()
