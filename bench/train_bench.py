@@ -35,7 +35,7 @@ import platform
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +212,8 @@ def categorize(name: str) -> str:
 
 def phase_of(op_name: str) -> str:
   """forward / backward / other, from an instruction's op_name metadata."""
+  if not op_name:
+    return 'unattributed (no op_name in the HLO)'
   if 'transpose(jvp(' in op_name:
     return 'backward (network and quadrature)'
   if 'jvp(' in op_name:
@@ -240,6 +242,8 @@ def _exclusive_times(intervals: list[tuple[float, float, str]]):
     span milliseconds). Overlapping operations share their common time
     equally, so the shares add up to the span.
   """
+  # Zero-length operations take no time (and would end before they start).
+  intervals = [(a, b, n) for a, b, n in intervals if b > a]
   events = sorted([(a, 1, n) for a, b, n in intervals] +
                   [(b, -1, n) for a, b, n in intervals])
   shares, active, idle = {}, {}, 0.0
