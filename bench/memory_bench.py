@@ -13,6 +13,9 @@ in a fresh process so that the high-water marks are its own:
            (2048 rays); peak host RSS after each phase, and device memory
            (peak bytes in use where the device reports it; on CPU the
            device's arrays live in host memory, already inside the RSS).
+           Run twice: on the 5,500-frame folder through `data.load`, and on
+           the small folder's frames repeated in memory into a 64-byte
+           aligned buffer (which a CPU device uses without copying it).
 
   python bench/memory_bench.py [--frames 5500] [--loader_frames 300]
       [--steps 2] [--rays 2048] [--workdir DIR] [--keep]
