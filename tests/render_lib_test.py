@@ -11,7 +11,6 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from nerface_jax import data
 from nerface_jax import render_lib
 from nerface_jax import synthetic
 from nerface_jax import train_lib

@@ -1,6 +1,5 @@
 """Tests of the data-parallel training step and the training loop."""
 
-import json
 import pathlib
 import sys
 
@@ -11,11 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from nerface_jax import checkpoint
 from nerface_jax import models
 from nerface_jax import parallel
 from nerface_jax import sampler
-from nerface_jax import summary
 from nerface_jax import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
