@@ -127,20 +127,12 @@ def child_loader(root: str) -> dict:
           'ru_maxrss': after['ru_maxrss']}
 
 
-def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
-  """An uninitialised array whose data starts on an `alignment` boundary."""
-  dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape)) * dtype.itemsize
-  raw = np.empty(nbytes + alignment, np.uint8)
-  offset = -raw.ctypes.data % alignment
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
 def tiled_images(source: np.ndarray, num_frames: int,
                  aligned: bool) -> np.ndarray:
   """uint8 [F, H, W, 3]: `source`'s frames repeated, 64-byte aligned or not."""
+  from nerface_jax import data  # pylint: disable=g-import-not-at-top
   shape = (num_frames,) + source.shape[1:]
-  images = aligned_empty(shape, np.uint8) if aligned else np.empty(
+  images = data.aligned_empty(shape, np.uint8) if aligned else np.empty(
       shape, np.uint8)
   for f in range(num_frames):
     images[f] = source[f % len(source)]

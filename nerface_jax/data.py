@@ -88,6 +88,21 @@ class Dataset:
         file_paths=self.file_paths[:n])
 
 
+def aligned_empty(shape: Sequence[int], dtype,
+                  alignment: int = 64) -> np.ndarray:
+  """An uninitialised array of `shape` whose data starts on `alignment` bytes.
+
+  A CPU device adopts a host buffer aligned like this without copying it; from
+  numpy's default (16-byte) alignment it makes a copy, which for a 5,500-frame
+  512x512 dataset is 4.3 GB of extra peak memory.
+  """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(nbytes + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
   if not path.is_file():
     raise DatasetError(f'{path}: file not found (a NeRFace dataset has '
@@ -269,7 +284,7 @@ def load(path: os.PathLike[str] | str, split: str, downscale: int = 1,
   # preallocated array so that peak memory is the dataset itself.
   where0 = f'{json_path}: frame 0 ({file_paths[0]})'
   first = _read_image(_image_path(root, file_paths[0]), where0, downscale)
-  images = np.empty((len(frames),) + first.shape, np.uint8)
+  images = aligned_empty((len(frames),) + first.shape, np.uint8)
   images[0] = first
 
   def read(index: int):

@@ -83,6 +83,26 @@ def test_load_reproduces_the_written_values(tmp_path):
   assert (ds.height, ds.width, ds.expr_dim, ds.num_frames) == (H, W, 5, 2)
 
 
+@pytest.mark.parametrize('shape,dtype', [((3, 5, 7, 3), np.uint8),
+                                         ((11,), np.float32),
+                                         ((2, 9), np.float64)])
+def test_aligned_empty_is_aligned_and_writable(shape, dtype):
+  # Several allocations: numpy's own alignment is only 16 bytes, so one
+  # lucky buffer would not show the property.
+  for _ in range(8):
+    a = data.aligned_empty(shape, dtype)
+    assert a.ctypes.data % 64 == 0
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+    a[...] = 1
+    np.testing.assert_array_equal(a, np.ones(shape, dtype))
+
+
+def test_loaded_images_are_aligned_for_zero_copy_placement(tmp_path):
+  _write_dataset(tmp_path)
+  for split in ('train', 'val', 'test'):
+    assert data.load(tmp_path, split).images.ctypes.data % 64 == 0
+
+
 def test_downscale_halves_size_and_focal_but_not_centre(tmp_path):
   _write_dataset(tmp_path)
   ds = data.load(tmp_path, 'test', downscale=2)
