@@ -83,7 +83,14 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   train.lr = 5e-4  # Adam learning rate at step 0.
   train.lr_decay_steps = 250_000  # lr = lr * decay_rate ** (step / steps).
   train.lr_decay_rate = 0.1
-  train.latent_reg = 0.005  # Weight of ||gamma_i||_2 in the loss.
+  train.latent_reg = 0.005  # Weight of the gamma prior in the loss.
+  # 'norm': ||gamma_i||_2 (the original); 'squared': ||gamma_i||_2^2.
+  train.latent_prior = 'norm'
+  # Probability that a training ray's gamma is replaced by zeros, and the std
+  # of Gaussian noise added to gamma while training: both make the network
+  # explain with the expression what it can (see bench/ablations.py).
+  train.latent_dropout = 0.0
+  train.latent_noise = 0.0
   train.seed = 0  # Seeds initialisation, ray sampling and noise.
   train.log_every = 100  # Steps between log rows (metrics.jsonl, TensorBoard).
   train.eval_every = 5000  # Steps between val renders and val PSNR.

@@ -18,8 +18,11 @@ def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 
-def latent_prior(codes: chex.Array) -> chex.Array:
-  """Mean L2 norm of the latent codes used by a batch.
+PRIORS = ('norm', 'squared')
+
+
+def latent_prior(codes: chex.Array, kind: str = 'norm') -> chex.Array:
+  """Mean L2 norm (or squared norm) of the latent codes used by a batch.
 
   The original adds `0.005 * ||gamma_i||_2` for the one frame of a step; with
   rays from many frames each ray contributes its frame's norm, so frames are
@@ -27,13 +30,22 @@ def latent_prior(codes: chex.Array) -> chex.Array:
 
   Args:
     codes: float [R, L] the gamma row of each ray's frame.
+    kind: 'norm' (||gamma||, the original) or 'squared' (||gamma||^2, a
+      Gaussian prior whose pull vanishes near zero instead of staying
+      constant).
 
   Returns:
     float32 scalar.
   """
+  squares = jnp.sum(jnp.square(codes.astype(jnp.float32)), axis=-1)
+  if kind == 'squared':
+    return jnp.mean(squares)
+  if kind != 'norm':
+    raise ValueError(f'train.latent_prior must be one of {PRIORS}, got '
+                     f'{kind!r}.')
   # sqrt has an infinite gradient at 0 and gamma starts at zero: the
   # epsilon keeps the first step's gradient finite (and zero).
-  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(codes), axis=-1) + 1e-12))
+  return jnp.mean(jnp.sqrt(squares + 1e-12))
 
 
 def psnr(mse_value: chex.Array) -> chex.Array:

@@ -348,6 +348,8 @@ def make_latent_fitter(avatar: Avatar) -> Callable[..., Any]:
   rays = config.eval.optimize_rays
   tx = optax.adam(config.eval.optimize_lr)
   reg = config.train.latent_reg
+  # Checkpoints written before the key existed used the original's prior.
+  prior = config.train.get('latent_prior', 'norm')
 
   def fit(device_data, frames, init, key):
     num = frames.shape[0]
@@ -359,7 +361,7 @@ def make_latent_fitter(avatar: Avatar) -> Callable[..., Any]:
       coarse, fine = model.apply({'params': params}, batch, model_key)
       mse = (losses.mse(coarse.rgb, batch.rgb) +
              losses.mse(fine.rgb, batch.rgb))
-      return mse + reg * losses.latent_prior(codes)
+      return mse + reg * losses.latent_prior(codes, prior)
 
     def step(carry, step_key):
       codes, opt_state = carry

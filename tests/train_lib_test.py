@@ -91,10 +91,13 @@ def test_shard_map_and_pmap_give_the_same_parameters():
   chex.assert_trees_all_close(adam_a, adam_b, atol=1e-5, rtol=1e-5)
 
 
-def test_one_device_and_four_devices_give_the_same_parameters():
-  """The global batch and its per-ray randomness do not depend on how many
-  devices share it, so neither do the parameters."""
-  config = _tiny_config()
+@pytest.mark.parametrize('overrides', [
+    {}, {'train.latent_dropout': 0.5, 'train.latent_noise': 0.1}])
+def test_one_device_and_four_devices_give_the_same_parameters(overrides):
+  """The global batch and its per-ray randomness (gamma dropout and noise
+  included) do not depend on how many devices share it, so neither do the
+  parameters."""
+  config = _tiny_config(**overrides)
   one, stats_one = _run_steps(config, 3, tx=optax.sgd(0.5), devices=1)
   four, stats_four = _run_steps(config, 3, tx=optax.sgd(0.5), devices=4)
   chex.assert_trees_all_close(one.params, four.params, atol=1e-5, rtol=1e-5)
@@ -160,3 +163,70 @@ def test_learning_rate_decays_like_the_original():
   for step in (0, 1000, 250_000, 400_000):
     assert float(schedule(step)) == pytest.approx(
         5e-4 * 0.1 ** (step / 250_000), rel=1e-5)
+
+
+def test_perturb_codes_drops_whole_codes_at_the_rate_and_adds_noise():
+  rays, dim = 20_000, 4
+  codes = np.full((rays, dim), 5.0, np.float32)
+  keys = jax.random.split(jax.random.PRNGKey(0), rays)
+  out = np.asarray(train_lib.perturb_codes(codes, keys, 0.3, 0.2))
+  dropped = np.all(out == 0.0, axis=1)
+  # A code is dropped whole or kept whole (no element is 0 by chance).
+  assert not np.any((out == 0.0) & ~dropped[:, None])
+  sigma = np.sqrt(0.3 * 0.7 / rays)
+  assert abs(dropped.mean() - 0.3) < 5 * sigma
+  kept = out[~dropped] - 5.0
+  assert abs(kept.mean()) < 0.01 and abs(kept.std() - 0.2) < 0.01
+  # Nothing to do: the codes come back unchanged.
+  chex.assert_trees_all_close(
+      train_lib.perturb_codes(codes, keys, 0.0, 0.0), codes)
+
+
+def test_perturb_codes_of_a_ray_depend_only_on_its_key():
+  """Slices of the batch get the same draws as the whole: the property that
+  keeps a data-parallel step independent of the device count."""
+  rng = np.random.default_rng(0)
+  codes = rng.normal(size=(64, 3)).astype(np.float32)
+  keys = jax.random.split(jax.random.PRNGKey(1), 64)
+  whole = train_lib.perturb_codes(codes, keys, 0.5, 0.1)
+  part = train_lib.perturb_codes(codes[16:48], keys[16:48], 0.5, 0.1)
+  chex.assert_trees_all_close(whole[16:48], part)
+  # One key for the whole batch works too and still varies over rays.
+  shared = np.asarray(train_lib.perturb_codes(codes, keys[0], 0.0, 0.1))
+  assert np.unique(np.round(shared - codes, 6)).size > 64
+
+
+def test_dropout_and_noise_change_the_loss_but_not_the_prior():
+  config = _tiny_config()
+  model = models.construct_model(config, F, E)
+  state = train_lib.create_train_state(config, model, E, optax.sgd(0.5))
+  params = state.params
+  params['latent']['gamma'] = jax.random.normal(
+      jax.random.PRNGKey(3), params['latent']['gamma'].shape)
+  data = _host_data()
+  frame, pixels = sampler.sample_pixels(jax.random.PRNGKey(4), data, 32)
+  batch = sampler.gather_batch(data, frame, pixels)
+  keys = jax.random.split(jax.random.PRNGKey(5), 32)
+  plain = train_lib.compute_losses(params, model, batch, keys, 0.1)[1]
+  same = train_lib.compute_losses(params, model, batch, keys, 0.1,
+                                  dropout=0.0, noise=0.0)[1]
+  chex.assert_trees_all_close(plain, same)
+  noisy = train_lib.compute_losses(params, model, batch, keys, 0.1,
+                                   dropout=0.5, noise=0.5)[1]
+  chex.assert_trees_all_close(noisy['latent_prior'], plain['latent_prior'])
+  assert abs(float(noisy['mse_fine']) - float(plain['mse_fine'])) > 1e-6
+  squared = train_lib.compute_losses(params, model, batch, keys, 0.1,
+                                     prior='squared')[1]
+  codes = np.asarray(params['latent']['gamma'])[np.asarray(frame)]
+  chex.assert_trees_all_close(squared['latent_prior'],
+                              np.mean(np.sum(codes ** 2, axis=1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('train.latent_dropout', 1.0, 'latent_dropout'),
+    ('train.latent_dropout', -0.1, 'latent_dropout'),
+    ('train.latent_noise', -1.0, 'latent_noise'),
+    ('train.latent_prior', 'l1', 'latent_prior')])
+def test_bad_latent_options_are_named(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train_lib.latent_options(_tiny_config(**{key: value}))
