@@ -61,6 +61,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   # released NeRFace data, 52 from our preprocessor).
   model.expr_dim = config_dict.placeholder(int)
   model.expr_scale = 1.0 / 3.0  # Expressions are multiplied by this.
+  # 'scale': expression * expr_scale (the original); 'standardize': each
+  # coefficient first standardised by its training mean and std.
+  model.expr_norm = 'scale'
   model.latent_dim = 32  # Length of the per-frame latent code gamma.
   model.use_expression = True  # False: the "no expression" ablation.
   model.use_latent = True  # False: the paper's "no dyn." ablation.

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from nerface_jax import encoding
 from nerface_jax import rendering
@@ -223,6 +224,9 @@ class NerfaceModel(nn.Module):
     num_frames: training frames (rows of the gamma table).
     expr_dim: expression length E.
     expr_scale: expressions are multiplied by this before conditioning.
+    expr_mean, expr_std: optional per-coefficient statistics [E] of the
+      training expressions; when given, every expression is standardised
+      with them before `expr_scale` (`model.expr_norm = 'standardize'`).
     latent_dim: length L of gamma.
     use_expression: condition on the expression (False: ablation).
     use_latent: condition on gamma (False: the "no dyn." ablation).
@@ -239,6 +243,8 @@ class NerfaceModel(nn.Module):
   num_frames: int
   expr_dim: int
   expr_scale: float = 1.0 / 3.0
+  expr_mean: Optional[Tuple[float, ...]] = None
+  expr_std: Optional[Tuple[float, ...]] = None
   latent_dim: int = 32
   use_expression: bool = True
   use_latent: bool = True
@@ -281,7 +287,11 @@ class NerfaceModel(nn.Module):
             f'batch.expression: expected shape [R, E] = '
             f'{(num_rays, self.expr_dim)} (expr_dim={self.expr_dim}), got '
             f'{expression.shape}.')
-      parts.append(expression.astype(jnp.float32) * self.expr_scale)
+      expression = expression.astype(jnp.float32)
+      if self.expr_mean is not None:
+        expression = ((expression - jnp.asarray(self.expr_mean, jnp.float32))
+                      / jnp.asarray(self.expr_std, jnp.float32))
+      parts.append(expression * self.expr_scale)
     if self.use_latent:
       if batch.latent is not None:
         # Unseen frames bring their own code; the table is not touched.
@@ -375,8 +385,28 @@ class NerfaceModel(nn.Module):
     return coarse, fine
 
 
+EXPR_NORMS = ('scale', 'standardize')
+# Coefficients that barely move in training are not blown up to unit spread.
+_MIN_EXPR_STD = 1e-2
+
+
+def expression_stats(expressions) -> dict[str, list[float]]:
+  """Per-coefficient mean and (floored) std of training expressions [F, E].
+
+  Returns:
+    {'expr_mean': [E], 'expr_std': [E]} as python floats (json-ready; kept
+    with the checkpoint's data facts so renders standardise the same way).
+  """
+  e = np.asarray(expressions, np.float64)
+  return {'expr_mean': [float(v) for v in e.mean(axis=0)],
+          'expr_std': [float(v) for v in np.maximum(e.std(axis=0),
+                                                    _MIN_EXPR_STD)]}
+
+
 def construct_model(config: ml_collections.ConfigDict, num_frames: int,
-                    expr_dim: int) -> NerfaceModel:
+                    expr_dim: int,
+                    expr_stats: Optional[dict[str, Any]] = None
+                    ) -> NerfaceModel:
   """Builds the NerfaceModel of `config` for a dataset.
 
   Args:
@@ -384,11 +414,30 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
       `data.far` and `data.background`).
     num_frames: training frames (rows of the gamma table).
     expr_dim: expression length E of the data.
+    expr_stats: `expression_stats` of the training expressions; required by
+      `model.expr_norm = 'standardize'`, ignored otherwise.
 
   Returns:
     An unbound NerfaceModel.
   """
   m = config.model
+  # Configs saved before the key existed scaled only.
+  expr_norm = m.get('expr_norm', 'scale')
+  if expr_norm not in EXPR_NORMS:
+    raise ValueError(f'config.model.expr_norm must be one of {EXPR_NORMS}; '
+                     f'got {expr_norm!r}.')
+  mean = std = None
+  if expr_norm == 'standardize':
+    if not expr_stats or 'expr_mean' not in expr_stats:
+      raise ValueError(
+          "config.model.expr_norm = 'standardize' needs the training "
+          'expressions\' mean and std (saved with the checkpoint by training); '
+          'none were given.')
+    mean, std = (tuple(float(v) for v in expr_stats[k])
+                 for k in ('expr_mean', 'expr_std'))
+    if len(mean) != expr_dim or len(std) != expr_dim:
+      raise ValueError(f'expression statistics have {len(mean)} values but '
+                       f'the expressions have {expr_dim}.')
   if m.expr_dim is not None and m.expr_dim != expr_dim:
     raise ValueError(
         f'config.model.expr_dim = {m.expr_dim} but the data has expressions '
@@ -406,6 +455,8 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
       num_frames=num_frames,
       expr_dim=expr_dim,
       expr_scale=m.expr_scale,
+      expr_mean=mean,
+      expr_std=std,
       latent_dim=m.latent_dim,
       use_expression=m.use_expression,
       use_latent=m.use_latent,

@@ -283,7 +283,7 @@ def load_avatar(workdir: os.PathLike[str] | str, step: Optional[int] = None,
                         'data facts (written by an older version).')
     mesh = parallel.make_mesh() if mesh is None else mesh
     model = models.construct_model(config, meta['num_train_frames'],
-                                   meta['expr_dim'])
+                                   meta['expr_dim'], meta)
     tx = train_lib.make_optimizer(config)
     target = parallel.replicate(train_lib.create_train_state(
         config, model, meta['expr_dim'], tx), mesh)

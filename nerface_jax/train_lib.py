@@ -238,7 +238,8 @@ def data_facts(train: data.Dataset) -> dict[str, Any]:
   return {'data_dir': str(train.path), 'num_train_frames': train.num_frames,
           'expr_dim': train.expr_dim, 'height': train.height,
           'width': train.width,
-          'intrinsics': [float(v) for v in train.intrinsics]}
+          'intrinsics': [float(v) for v in train.intrinsics],
+          **models.expression_stats(train.expressions)}
 
 
 def device_data(dataset: data.Dataset, bbox_weight: float):
@@ -361,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   mode = config.parallel.mode
   mesh = parallel.make_mesh()
-  model = models.construct_model(config, train.num_frames, train.expr_dim)
+  model = models.construct_model(config, train.num_frames, train.expr_dim,
+                                 meta)
   tx = make_optimizer(config)
   schedule = learning_rate_schedule(config)
   # Checkpoints hold the replicated global state (the shard_map layout), so

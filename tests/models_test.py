@@ -556,3 +556,41 @@ def test_model_rejects_bad_inputs(tiny):
   with pytest.raises(ValueError, match=r'directions: expected shape \[R, 3\]'):
     model.apply({'params': params}, batch.replace(
         rays=batch.rays.replace(directions=batch.rays.directions[:5])))
+
+
+def test_standardized_expressions_equal_the_scaled_model_on_standard_input():
+  """'standardize' feeds (e - mean) / std to the same layers: with equal
+  parameters it renders what 'scale' renders from the standardised input."""
+  rng = np.random.default_rng(3)
+  train = rng.normal(2.0, 0.5, size=(40, EXPR_DIM))
+  train[:, 0] = 0.7  # A coefficient that never moves: its std is floored.
+  stats = models.expression_stats(train)
+  chex.assert_trees_all_close(np.float64(stats['expr_mean']),
+                              train.mean(0), rtol=1e-12)
+  assert stats['expr_std'][0] == pytest.approx(0.01)
+  config = _tiny_config(expr_norm='standardize')
+  standard = models.construct_model(config, NUM_FRAMES, EXPR_DIM, stats)
+  plain = models.construct_model(_tiny_config(), NUM_FRAMES, EXPR_DIM)
+  params = _visible(_random_gamma(
+      models.init_params(plain, jax.random.PRNGKey(0), EXPR_DIM), 1))
+  batch = _batch(4)
+  mean = np.float32(stats['expr_mean'])
+  std = np.float32(stats['expr_std'])
+  got = standard.apply({'params': params}, batch)
+  want = plain.apply({'params': params}, batch.replace(
+      expression=(batch.expression - mean) / std))
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  other = plain.apply({'params': params}, batch)
+  assert np.max(np.abs(other[1].rgb - got[1].rgb)) > 1e-4
+
+
+def test_standardize_needs_statistics_of_the_right_length():
+  config = _tiny_config(expr_norm='standardize')
+  with pytest.raises(ValueError, match='mean and std'):
+    models.construct_model(config, NUM_FRAMES, EXPR_DIM)
+  stats = models.expression_stats(np.ones((3, EXPR_DIM + 1)))
+  with pytest.raises(ValueError, match='statistics'):
+    models.construct_model(config, NUM_FRAMES, EXPR_DIM, stats)
+  with pytest.raises(ValueError, match='expr_norm'):
+    models.construct_model(_tiny_config(expr_norm='whiten'), NUM_FRAMES,
+                           EXPR_DIM)

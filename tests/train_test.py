@@ -4,6 +4,7 @@ import json
 import pathlib
 import sys
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -62,6 +63,12 @@ def test_run_writes_config_logs_events_previews_and_checkpoints(cache,
   with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
     assert ckpt.all_steps() == [2, 4]
     assert ckpt.restore_config()['train']['max_steps'] == 4
+    # The data facts carry the training expressions' statistics, which a
+    # render of a 'standardize' avatar needs.
+    meta = ckpt.restore_meta()
+  train = train_lib.load_data(config)['train']
+  chex.assert_trees_all_close(np.float32(meta['expr_mean']),
+                              train.expressions.mean(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
