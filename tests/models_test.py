@@ -293,7 +293,8 @@ def _hand_wired(model, params, batch):
       for name in ('trunk_depth', 'trunk_width', 'skip_layer', 'color_width',
                    'color_depth', 'xyz_freqs', 'dir_freqs', 'use_viewdirs')})
   condition = jnp.concatenate(
-      [batch.expression / 3.0, params['latent']['gamma'][batch.frame]], -1)
+      [batch.expression * model.expr_scale,
+       params['latent']['gamma'][batch.frame]], -1)
   d = batch.rays.directions
   viewdirs = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
 
@@ -312,9 +313,11 @@ def _hand_wired(model, params, batch):
 
 def test_model_matches_hand_wiring(tiny):
   # Both levels rebuilt from the pure functions and the bare MLPs: condition
-  # = [expression / 3, gamma of the frame], unit view directions, background
-  # at the ray's end, fine samples from the coarse weights.
-  model, params = tiny
+  # = [expression * expr_scale, gamma of the frame], unit view directions,
+  # background at the ray's end, fine samples from the coarse weights. A
+  # scale other than the default 1 checks that it is applied.
+  _, params = tiny
+  model = _tiny_model(expr_scale=0.25)
   batch = _batch(10)
   coarse, fine = jax.jit(model.apply)({'params': params}, batch)
   ref_coarse, ref_fine = jax.jit(
