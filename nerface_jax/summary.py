@@ -1,168 +1,221 @@
 """Training logs: TensorBoard event files, metrics.jsonl and a progress line.
 
-TensorBoard reads event files written here directly; the format (TFRecord
-framing around `Event` protocol buffers) is small enough to write by hand,
-which keeps TensorFlow and tensorboard out of the requirements.
+Event files are written by `tensorboardX` (TFRecord framing, `Event`
+protocol buffers, CRC32C), which needs neither TensorFlow nor tensorboard.
+`metrics.jsonl` is the authoritative record of a run; the event files are for
+viewing it.
 """
 
-import io
+import glob
+import itertools
 import json
 import math
 import os
 import pathlib
 import socket
-import struct
 import sys
+import tempfile
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image
+import tensorboardX
 
+# tensorboardX writes on a background thread and flushes the file every this
+# many seconds (its default is 120 s, which leaves TensorBoard far behind).
+FLUSH_SECS = 2
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum TFRecord framing uses."""
-  crc = 0xFFFFFFFF
-  table = _CRC_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while True:
-    bits = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(bits | 0x80)
-    else:
-      out.append(bits)
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-  return _varint((number << 3) | wire_type) + payload
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-  return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def _event(step: int, wall_time: float, summary: Optional[bytes] = None,
-           file_version: Optional[str] = None) -> bytes:
-  """An `Event` message: wall_time=1 (double), step=2, file_version=3,
-  summary=5."""
-  out = _field(1, 1, struct.pack('<d', wall_time))
-  out += _field(2, 0, _varint(step))
-  if file_version is not None:
-    out += _bytes_field(3, file_version.encode())
-  if summary is not None:
-    out += _bytes_field(5, summary)
-  return out
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-  """A `Summary.Value` with tag=1 and simple_value=2 (float)."""
-  return _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack('<f', value))
-
-
-def _image_value(tag: str, image: np.ndarray) -> bytes:
-  """A `Summary.Value` with tag=1 and image=4 (height, width, colorspace,
-  encoded PNG)."""
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='PNG')
-  height, width, channels = image.shape
-  encoded = (_field(1, 0, _varint(height)) + _field(2, 0, _varint(width)) +
-             _field(3, 0, _varint(channels)) +
-             _bytes_field(4, buffer.getvalue()))
-  return _bytes_field(1, tag.encode()) + _bytes_field(4, encoded)
+# Numbers the writers of this process, so two in one folder within the same
+# second (the resolution of tensorboardX's file name) get different files.
+_WRITER_NUMBERS = itertools.count()
 
 
 class EventWriter:
-  """Appends scalars and images to a TensorBoard event file in `logdir`."""
+  """Appends scalars and images to a new TensorBoard event file in `logdir`.
+
+  Attributes:
+    logdir: pathlib.Path, the folder (created if needed).
+    path: pathlib.Path of the event file,
+      `events.out.tfevents.<time>.<host>.<pid>.<n>` (None in the unexpected
+      case that it cannot be found after tensorboardX made it).
+  """
 
   def __init__(self, logdir: os.PathLike[str] | str):
     self.logdir = pathlib.Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    name = (f'events.out.tfevents.{int(time.time())}.'
-            f'{socket.gethostname()}.{os.getpid()}')
-    self.path = self.logdir / name
-    self._file = open(self.path, 'ab')
-    self._write(_event(0, time.time(), file_version='brain.Event:2'))
+    # tensorboardX names the file `events.out.tfevents.<time>.<host><suffix>`
+    # and opens it with 'wb': the pid and a per-process number keep another
+    # writer started within the same second (in another process, or in this
+    # one) from truncating this one's file.
+    suffix = f'.{os.getpid()}.{next(_WRITER_NUMBERS)}'
+    self._writer = tensorboardX.SummaryWriter(
+        str(self.logdir), flush_secs=FLUSH_SECS, filename_suffix=suffix)
+    # The file exists once the writer is made (it holds the version event);
+    # finding it by its unique suffix avoids tensorboardX's private fields.
+    pattern = (f'events.out.tfevents.*.{glob.escape(socket.gethostname())}'
+               f'{glob.escape(suffix)}')
+    found = sorted(self.logdir.glob(pattern))
+    self.path = found[0] if len(found) == 1 else None
+    self._closed = False
 
-  def _write(self, record: bytes):
-    header = struct.pack('<Q', len(record))
-    self._file.write(header + struct.pack('<I', _masked_crc(header)) + record +
-                     struct.pack('<I', _masked_crc(record)))
+  def _check_open(self):
+    # SummaryWriter would silently start a new file after close().
+    if self._closed:
+      raise ValueError(f'EventWriter for {self.logdir} is closed.')
 
   def scalars(self, step: int, values: dict[str, float]):
-    """Writes one event holding every finite scalar of `values`."""
-    summary = b''.join(
-        _bytes_field(1, _scalar_value(tag, float(v)))
-        for tag, v in values.items() if math.isfinite(float(v)))
-    self._write(_event(step, time.time(), summary))
+    """Writes every finite value of `values` at `step`.
+
+    Args:
+      step: int, the training step.
+      values: tag -> float (anything `float()` takes: Python, NumPy or JAX
+        scalars). NaN and infinities are left out: TensorBoard's charts
+        cannot draw them.
+    """
+    self._check_open()
+    # One wall time for the whole call, as these values belong together.
+    wall_time = time.time()
+    for tag, value in values.items():
+      value = float(value)
+      if math.isfinite(value):
+        self._writer.add_scalar(tag, value, int(step), walltime=wall_time)
 
   def image(self, step: int, tag: str, image: np.ndarray):
-    """Writes a uint8 [H, W, 3] image."""
-    summary = _bytes_field(1, _image_value(tag, np.asarray(image, np.uint8)))
-    self._write(_event(step, time.time(), summary))
+    """Writes an image (stored as PNG).
+
+    Args:
+      step: int, the training step.
+      tag: str, the image's name in TensorBoard.
+      image: uint8 [H, W, 3].
+    """
+    self._check_open()
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'{tag}: expected a uint8 [H, W, 3] image, got '
+                       f'{image.dtype} {image.shape}.')
+    self._writer.add_image(tag, image, int(step), dataformats='HWC')
 
   def flush(self):
-    self._file.flush()
+    """Writes out what the background thread has received.
+
+    Events added in the last moments may still be queued; they reach the file
+    within `FLUSH_SECS`, and all of them by `close()`.
+    """
+    if not self._closed:
+      self._writer.flush()
 
   def close(self):
-    self._file.close()
+    """Writes every pending event and closes the file (idempotent)."""
+    if not self._closed:
+      self._writer.close()
+      self._closed = True
 
 
-def read_events(path: os.PathLike[str] | str) -> list[bytes]:
-  """The raw records of an event file, checksums verified (for tests/tools)."""
-  records = []
-  with open(path, 'rb') as f:
-    while header := f.read(8):
-      (length,) = struct.unpack('<Q', header)
-      (header_crc,) = struct.unpack('<I', f.read(4))
-      record = f.read(length)
-      (record_crc,) = struct.unpack('<I', f.read(4))
-      if header_crc != _masked_crc(header) or record_crc != _masked_crc(record):
-        raise ValueError(f'{path}: corrupt record {len(records)}.')
-      records.append(record)
-  return records
+def _row(line: str) -> dict[str, Any] | None:
+  """The JSON object on `line`, or None if it is not one (e.g. cut short)."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def _step(row: dict[str, Any]) -> float:
+  """The row's 'step', or -inf for a row without a numeric one (kept)."""
+  step = row.get('step')
+  if isinstance(step, (int, float)) and not isinstance(step, bool):
+    return step
+  return -math.inf
 
 
 class MetricsLog:
-  """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+  """Appends one JSON object per line to `<workdir>/metrics.jsonl`.
+
+  Attributes:
+    path: pathlib.Path of the file.
+  """
 
   def __init__(self, path: os.PathLike[str] | str):
     self.path = pathlib.Path(path)
 
   def write(self, row: dict[str, Any]):
+    """Appends `row` (str -> JSON-serialisable value) as one line."""
     with open(self.path, 'a') as f:
       f.write(json.dumps(row, sort_keys=True) + '\n')
 
   def rows(self) -> list[dict[str, Any]]:
+    """Every row, in file order ([] when the file does not exist)."""
     if not self.path.exists():
       return []
     with open(self.path) as f:
       return [json.loads(line) for line in f if line.strip()]
+
+  def drop_after(self, step: int) -> int:
+    """Removes every row whose 'step' is greater than `step`.
+
+    A run resumed from a checkpoint at `step` logs the later steps again;
+    without this the rows between that checkpoint and the crash would appear
+    twice. A line that is not a JSON object (a half-written last line after a
+    kill) goes too. The file is replaced atomically, so a crash during this
+    call leaves either the old or the new file, never a mix.
+
+    Args:
+      step: int, the last step to keep.
+
+    Returns:
+      int, how many lines were dropped (0 when the file does not exist).
+    """
+    if not self.path.exists():
+      return 0
+    with open(self.path) as f:
+      text = f.read()
+    kept, dropped = [], 0
+    for line in text.split('\n'):
+      if not line.strip():
+        continue
+      row = _row(line)
+      if row is None or _step(row) > step:
+        dropped += 1
+      else:
+        kept.append(line)
+    # A last line without its newline would have the next write() appended
+    # to it, so such a file is rewritten even when no row goes.
+    if dropped == 0 and (not text or text.endswith('\n')):
+      return 0
+    self._replace(''.join(line + '\n' for line in kept))
+    return dropped
+
+  def _replace(self, text: str):
+    """Atomically makes `text` the file's content, keeping its permissions."""
+    mode = self.path.stat().st_mode & 0o7777
+    # In the same folder, so os.replace is a rename within one file system.
+    fd, temporary = tempfile.mkstemp(dir=self.path.parent,
+                                     prefix=f'.{self.path.name}.',
+                                     suffix='.tmp')
+    try:
+      with os.fdopen(fd, 'w') as f:
+        f.write(text)
+        f.flush()
+        # On disk before the rename, or a crash could leave an empty file
+        # under the real name.
+        os.fsync(f.fileno())
+      # mkstemp creates the file 0600; keep the log as readable as it was.
+      os.chmod(temporary, mode)
+      os.replace(temporary, self.path)
+    except BaseException:
+      pathlib.Path(temporary).unlink(missing_ok=True)
+      raise
+    # The rename itself is durable once the folder is synced.
+    try:
+      folder = os.open(self.path.parent, os.O_RDONLY)
+    except OSError:
+      return
+    try:
+      os.fsync(folder)
+    except OSError:
+      pass  # Some file systems cannot sync a folder; the rename still holds.
+    finally:
+      os.close(folder)
 
 
 def _duration(seconds: float) -> str:

@@ -1,48 +1,37 @@
-"""Writing rendered frames as a video (host side, no JAX).
+"""Writing rendered frames as an H.264 mp4 (host side, no JAX).
 
-An H.264 mp4 is written by piping raw RGB frames to an `ffmpeg` executable:
-the one on PATH, else the binary shipped with the `imageio-ffmpeg` package
-when that is installed. Without either, frames go to an animated GIF through
-Pillow, so rendering never depends on a system encoder. Files appear under
-their final name only once complete: they are written under a hidden
-temporary name in the same folder and renamed at the end.
+imageio's FFMPEG plugin streams the frames to an ffmpeg executable: the one
+the `imageio-ffmpeg` wheel ships (or the one the IMAGEIO_FFMPEG_EXE
+environment variable names), so every install writes mp4 without a system
+encoder. Files appear under their final name only once complete: they are
+written under a hidden temporary name in the same folder and renamed at the
+end.
 """
 
+import math
+import numbers
 import os
 import pathlib
 import secrets
-import shutil
-import subprocess
-import tempfile
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Union
 
+import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
-from PIL import Image
 
-ENCODERS = ('auto', 'ffmpeg', 'gif')
+# H.264 in yuv420p is what browsers, QuickTime and most players decode.
+CODEC = 'libx264'
+PIXEL_FORMAT = 'yuv420p'
 
-# How much of ffmpeg's stderr an error message quotes.
-_STDERR_TAIL_CHARS = 2000
+# How many of ffmpeg's last lines an error message quotes.
+_REASON_LINES = 5
+
+# Marks the end of the frames (a None frame is an error, not the end).
+_END = object()
 
 
 class EncoderError(RuntimeError):
-  """The video encoder failed or is not available."""
-
-
-def find_ffmpeg() -> Optional[str]:
-  """Path of an ffmpeg executable: PATH first, then imageio-ffmpeg; or None."""
-  found = shutil.which('ffmpeg')
-  if found:
-    return found
-  try:
-    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  try:
-    return imageio_ffmpeg.get_ffmpeg_exe()
-  except (RuntimeError, OSError):
-    # The package can be installed without a binary for this platform.
-    return None
+  """ffmpeg is missing or failed, or its output is not a complete video."""
 
 
 def _as_rgb_uint8(image, where: str) -> np.ndarray:
@@ -82,25 +71,26 @@ def side_by_side(*images) -> np.ndarray:
   return np.concatenate(padded, axis=1)
 
 
-def _target(path: Union[str, os.PathLike], suffix: str) -> pathlib.Path:
-  """`path` with `suffix`, replacing a given .mp4 or .gif extension."""
+def _target(path: Union[str, os.PathLike]) -> pathlib.Path:
+  """`path` with the .mp4 extension (added, or kept if given)."""
   path = pathlib.Path(path)
-  if path.suffix.lower() in ('.mp4', '.gif'):
+  if path.suffix.lower() == '.mp4':
     path = path.with_suffix('')
   # Appended rather than `with_suffix`: a name like 'orbit.v2' keeps its dot.
-  return path.with_name(path.name + suffix)
+  return path.with_name(path.name + '.mp4')
 
 
 def _temporary_name(target: pathlib.Path) -> pathlib.Path:
   """A hidden, unused name beside `target` for the file being written."""
   # Not mkstemp: that creates the file with mode 0600, which the rename would
-  # keep; the encoders create it with the usual umask permissions instead.
+  # keep; ffmpeg creates it with the usual umask permissions instead. The
+  # name ends in .mp4 because imageio chooses its plugin by the extension.
   token = secrets.token_hex(4)
-  return target.with_name(f'.{target.name}.{os.getpid()}.{token}.part')
+  return target.with_name(f'.{target.name}.{os.getpid()}.{token}.part.mp4')
 
 
-def _frame(frame, index: int, shape: Optional[tuple[int, ...]]) -> np.ndarray:
-  """Validates frame `index` (uint8 [H, W, 3], `shape` if given)."""
+def _frame(frame, index: int, shape) -> np.ndarray:
+  """Frame `index` checked: uint8 [H, W, 3], and `shape` unless None."""
   frame = np.asarray(frame)
   if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
     raise ValueError(f'Frame {index}: expected uint8 [H, W, 3], got '
@@ -111,130 +101,136 @@ def _frame(frame, index: int, shape: Optional[tuple[int, ...]]) -> np.ndarray:
   return frame
 
 
-def _tail(log) -> str:
-  """The last characters ffmpeg wrote to its stderr file."""
-  log.seek(0)
-  text = log.read().decode('utf-8', errors='replace').strip()
-  return text[-_STDERR_TAIL_CHARS:] or '(ffmpeg printed nothing)'
+def _even(frame: np.ndarray) -> np.ndarray:
+  """uint8 [H + H % 2, W + W % 2, 3]: the last row / column repeated."""
+  # yuv420p stores colour at half resolution, so libx264 rejects odd sizes.
+  # Padding by one pixel keeps every input pixel where it was; imageio's own
+  # fix (macro_block_size) would rescale the whole frame instead.
+  height, width, _ = frame.shape
+  if height % 2 or width % 2:
+    frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)),
+                   mode='edge')
+  return np.ascontiguousarray(frame)
 
 
-def _close(pipe) -> None:
-  """Closes a pipe whose reader may have exited (unflushed data is moot)."""
-  try:
-    pipe.close()
-  except OSError:
-    pass
+def _then(first, rest: Iterator) -> Iterator:
+  """Yields `first`, then the items of `rest`, keeping none once yielded."""
+  # Not itertools.chain: it holds its arguments, frame 0 among them, until
+  # the last item.
+  yield first
+  del first
+  yield from rest
 
 
-def _write_mp4(first: np.ndarray, rest, temporary: pathlib.Path, fps: float,
-               executable: str) -> None:
-  """Streams frames to ffmpeg, which writes an H.264 mp4 at `temporary`."""
-  height, width, _ = first.shape
-  # yuv420p subsamples chroma 2x2, so libx264 rejects odd sizes: repeat the
-  # last row / column once.
-  pad = ((0, height % 2), (0, width % 2), (0, 0))
-  command = [
-      executable, '-hide_banner', '-loglevel', 'error', '-nostdin', '-y',
-      '-f', 'rawvideo', '-pix_fmt', 'rgb24',
-      '-s', f'{width + width % 2}x{height + height % 2}',
-      '-framerate', f'{fps:g}', '-i', 'pipe:0',
-      '-an', '-c:v', 'libx264', '-pix_fmt', 'yuv420p',
+def _encode(frames: Iterator[np.ndarray], shape: tuple[int, int, int],
+            temporary: pathlib.Path, fps: float, target: pathlib.Path) -> int:
+  """Streams `frames` (frame 0 already checked) into an mp4 at `temporary`.
+
+  `target` (the final name) is what error messages name.
+
+  Returns:
+    int, the number of frames written.
+  """
+  writer = imageio.get_writer(
+      str(temporary), format='FFMPEG', mode='I', fps=fps, codec=CODEC,
+      pixelformat=PIXEL_FORMAT,
+      # 1: no rescaling to multiples of 16; `_even` pads to even sizes.
+      macro_block_size=1,
+      # No `quality`: libx264's default rate control (CRF 23) applies.
+      ffmpeg_log_level='error',
       # The index at the front lets players start before the file is read.
-      '-movflags', '+faststart', '-f', 'mp4', str(temporary)]
-  # stderr goes to a file, not a pipe: a pipe nobody reads while frames are
-  # written could fill up and block both processes.
-  with tempfile.TemporaryFile() as log:
-    process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=log)
+      output_params=['-movflags', '+faststart'])
+  count = 0
+  try:
+    frame = next(frames)
+    while frame is not _END:
+      try:
+        writer.append_data(_even(frame))
+      except (OSError, RuntimeError) as e:
+        # OSError: ffmpeg exited (broken pipe); RuntimeError: no ffmpeg.
+        raise EncoderError(f'ffmpeg failed writing frame {count} of '
+                           f'{target} (its own messages, if any, are on '
+                           f'stderr): {e}') from e
+      count += 1
+      frame = next(frames, _END)
+      if frame is not _END:
+        frame = _frame(frame, count, shape)
+  except BaseException:
     try:
-      index, frame = 0, first
-      while frame is not None:
-        try:
-          process.stdin.write(np.pad(frame, pad, mode='edge').tobytes())
-        except BrokenPipeError:
-          break  # ffmpeg has exited; its status and stderr say why.
-        frame = next(rest, None)
-        if frame is not None:
-          index += 1
-          frame = _frame(frame, index, first.shape)
-      _close(process.stdin)
-      status = process.wait()
-    except BaseException:
-      process.kill()
-      _close(process.stdin)
-      process.wait()
-      raise
-    if status != 0:
-      raise EncoderError(f'ffmpeg ({executable}) failed with exit status '
-                         f'{status} writing {temporary}:\n{_tail(log)}')
+      writer.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The first error is the one to report; the file is deleted.
+    raise
+  try:
+    writer.close()
+  except (OSError, RuntimeError) as e:
+    raise EncoderError(f'ffmpeg failed finishing {target}: {e}') from e
+  return count
 
 
-def _write_gif(frames: list[np.ndarray], temporary: pathlib.Path,
-               fps: float) -> None:
-  """Writes frames as a looping animated GIF at `temporary` (Pillow)."""
-  images = [Image.fromarray(frame) for frame in frames]
-  # GIF delays are whole centiseconds: Pillow rounds this to 10 ms steps.
-  images[0].save(temporary, format='GIF', save_all=True,
-                 append_images=images[1:], duration=round(1000.0 / fps),
-                 loop=0)
+def _check(temporary: pathlib.Path, count: int, target: pathlib.Path) -> None:
+  """Raises EncoderError unless `temporary` is an mp4 of `count` frames."""
+  # imageio does not look at ffmpeg's exit status, and a short video fits in
+  # the pipe before ffmpeg fails (e.g. without libx264): so the file is read
+  # back (packets copied, not decoded, so this is fast).
+  if not temporary.exists():
+    raise EncoderError(f'ffmpeg ({CODEC}) wrote no video for {target}; its '
+                       'own messages, if any, are on stderr.')
+  try:
+    written, _ = imageio_ffmpeg.count_frames_and_secs(str(temporary))
+  except (OSError, RuntimeError) as e:
+    # The message holds ffmpeg's whole banner; the reason is at the end.
+    reason = '\n'.join(str(e).strip().splitlines()[-_REASON_LINES:])
+    raise EncoderError(f'ffmpeg wrote an unreadable video for {target}:\n'
+                       f'{reason}') from e
+  if written != count:
+    raise EncoderError(f'ffmpeg wrote {written} of {count} frames of '
+                       f'{target}.')
 
 
 def write_video(frames: Iterable[np.ndarray],
                 path: Union[str, os.PathLike],
-                fps: float = 25,
-                encoder: str = 'auto') -> pathlib.Path:
-  """Writes frames as `<path>.mp4`, or `<path>.gif` without an encoder.
+                fps: float = 25) -> pathlib.Path:
+  """Writes frames as an H.264 mp4 (yuv420p) at `<path>.mp4`.
 
-  With ffmpeg (see `find_ffmpeg`) the video is H.264 in yuv420p; odd heights
-  or widths are padded by repeating the last row or column. Otherwise an
-  animated GIF loops forever at the nearest 10 ms frame delay; GIF palettes
-  hold 256 colours per frame, and Pillow merges consecutive identical frames
-  into one longer frame.
+  Odd heights or widths are padded to even by repeating the last row or
+  column once.
 
   Args:
     frames: uint8 [H, W, 3] arrays, all one size, at least one. Any iterable;
-      the mp4 path streams it without holding all frames.
-    path: output path without extension, or ending in .mp4 (or .gif); the
-      folder is created if needed.
+      it is consumed one frame at a time, never held whole.
+    path: output path without extension, or ending in .mp4; the folder is
+      created if needed.
     fps: frames per second, positive.
-    encoder: 'auto' (ffmpeg when found, else GIF), 'ffmpeg' or 'gif'.
 
   Returns:
-    The path written.
+    pathlib.Path of the file written.
 
   Raises:
-    ValueError: no frames, frames of the wrong dtype or differing sizes, or a
-      bad argument.
-    EncoderError: ffmpeg is missing (encoder='ffmpeg') or failed; the
-      message ends with ffmpeg's stderr.
+    ValueError: no frames, a frame of the wrong dtype or shape, frames of
+      differing sizes (each names the frame's index), or a bad `fps`.
+    EncoderError: ffmpeg is missing or failed, or wrote an incomplete video.
+    On any error no file is left under the final or the temporary name.
   """
-  if encoder not in ENCODERS:
-    raise ValueError(f'encoder must be one of {ENCODERS}, got {encoder!r}.')
-  if not fps > 0:
-    raise ValueError(f'fps must be positive, got {fps}.')
-  executable = None
-  if encoder in ('auto', 'ffmpeg'):
-    executable = find_ffmpeg()
-    if executable is None and encoder == 'ffmpeg':
-      raise EncoderError('No ffmpeg found: install it (e.g. apt-get install '
-                         'ffmpeg, or pip install imageio-ffmpeg) or use '
-                         "encoder='gif'.")
+  if (not isinstance(fps, numbers.Real) or not math.isfinite(fps) or
+      not fps > 0):
+    raise ValueError(f'fps must be a positive number, got {fps!r}.')
   rest = iter(frames)
-  first = next(rest, None)
-  if first is None:
+  first = next(rest, _END)
+  if first is _END:
     raise ValueError('write_video needs at least one frame.')
-  first = _frame(first, 0, None)
+  shape = _frame(first, 0, None).shape
+  # Only the generator refers to frame 0 from here on: each frame can be
+  # freed once written, so a long video never sits in memory.
+  frames = _then(first, rest)
+  del first
 
-  target = _target(path, '.mp4' if executable else '.gif')
+  target = _target(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   temporary = _temporary_name(target)
   try:
-    if executable:
-      _write_mp4(first, rest, temporary, fps, executable)
-    else:
-      frames = [first] + [_frame(frame, i + 1, first.shape)
-                          for i, frame in enumerate(rest)]
-      _write_gif(frames, temporary, fps)
+    count = _encode(frames, shape, temporary, float(fps), target)
+    _check(temporary, count, target)
     os.replace(temporary, target)
   except BaseException:
     # Whatever went wrong, no partial file is left under either name.
