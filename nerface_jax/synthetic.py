@@ -3,7 +3,7 @@
 A small analytic scene stands in for a tracked video of a real person: a head
 made of ellipsoids (cranium, jaw, nose, ears, eyes, eyelids, a mouth cavity)
 on a cylindrical neck, with smooth procedural skin, hair, brows and lips. It is
-ray-cast in numpy with exactly the camera of DESIGN.md section 3 and written
+ray-cast in numpy with exactly the camera of docs/architecture.md §3 and written
 to disk in the NeRFace dataset format, so the loader, the sampler and the
 model see it like any real subject. `render` is the ground truth for an
 arbitrary pose, expression and appearance (controllability checks).
@@ -37,6 +37,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from nerface_jax import camera
+from nerface_jax import data
+
 EXPR_DIM = 76  # Expression length of the released NeRFace data.
 JAW = 0  # Mouth opening, 0 (closed) .. 1 (wide open).
 BLINK_L = 1  # Person's left eyelid (at +x), 0 (open) .. 1 (closed).
@@ -49,7 +52,7 @@ APPEARANCE_DIM = 3  # (light yaw [rad], light pitch [rad], light warmth).
 VERSION = 1
 
 FPS = 25.0  # Frame rate the trajectory's time constants assume.
-DISTANCE = 0.5  # Camera distance from the head centre (DESIGN: mean z ~ 0.5).
+DISTANCE = 0.5  # Camera distance from the head centre (the released data: mean camera z about 0.5).
 FOCAL = 1.2  # |fx| = |fy| = FOCAL * size: the head fills ~half the height.
 PRINCIPAL = (0.49, 0.51)  # (cx, cy) as fractions, slightly off-centre.
 SUPERSAMPLE = 3  # Rays per pixel along each axis (3x3, centre included).
@@ -496,12 +499,12 @@ def default_intrinsics(size: int) -> np.ndarray:
 
 def _ray_dirs(c2w: np.ndarray, intr: np.ndarray, cols: np.ndarray,
               rows: np.ndarray, size: int) -> np.ndarray:
-  """DESIGN.md rays: float64 [3, ...] through pixel coordinates cols, rows."""
-  fx, fy, cx, cy = intr
-  x = (cols - size * cx) / fx
-  y = -(rows - size * cy) / fy
-  r = c2w[:3, :3]
-  return np.stack([r[k, 0] * x + r[k, 1] * y - r[k, 2] for k in range(3)])
+  """`camera.rays_np` directions through pixel coordinates cols, rows (float
+  [...] each), components first: float64 [3, ...]."""
+  _, dirs = camera.rays_np(np.stack([cols, rows], axis=-1), intr, c2w, size,
+                           size)
+  # Components first: `_intersect` then runs on long contiguous rows.
+  return np.ascontiguousarray(np.moveaxis(dirs, -1, 0))
 
 
 def _colours(origin: np.ndarray, dirs: np.ndarray, depth: np.ndarray,
@@ -614,7 +617,7 @@ def render(c2w: np.ndarray, expression: np.ndarray, size: int,
            supersample: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
   """Renders the synthetic person: the ground truth for any pose/expression.
 
-  Rays follow DESIGN.md section 3 exactly; each pixel averages a
+  Rays follow docs/architecture.md §3 exactly; each pixel averages a
   supersample x supersample grid of rays centred on its integer position.
 
   Args:
@@ -786,17 +789,6 @@ def splits(frames: int, seed: int) -> dict[str, np.ndarray]:
   return {'train': train, 'val': val, 'test': np.arange(rest, frames)}
 
 
-def _project(points: np.ndarray, c2w: np.ndarray, intr: np.ndarray,
-             size: int) -> np.ndarray:
-  """Pixel (column, row) float64 [N, 2] of head points [N, 3]: the DESIGN
-  formula inverted."""
-  cam = (points - c2w[:3, 3]) @ c2w[:3, :3]
-  depth = -cam[:, 2]
-  fx, fy, cx, cy = intr
-  return np.stack([size * cx + fx * cam[:, 0] / depth,
-                   size * cy - fy * cam[:, 1] / depth], axis=1)
-
-
 def _face_points(expression: np.ndarray) -> np.ndarray:
   """float64 [N, 3] points on the surface of the face's primitives."""
   # A fixed spherical grid mapped onto each ellipsoid: its projected extent
@@ -827,8 +819,9 @@ def bbox(c2w: np.ndarray, expression: np.ndarray, size: int,
     extent on every side and clipped to [0, 1].
   """
   intr = default_intrinsics(size) if intr is None else np.asarray(intr)
-  pixels = _project(_face_points(_check_expression(expression)),
-                    np.asarray(c2w, np.float64), intr, size) / size
+  pixels, _ = camera.project_np(_face_points(_check_expression(expression)),
+                                intr, np.asarray(c2w, np.float64), size, size)
+  pixels = pixels / size
   lo, hi = pixels.min(axis=0), pixels.max(axis=0)
   pad = 0.1 * (hi - lo)
   lo, hi = np.clip(lo - pad, 0.0, 1.0), np.clip(hi + pad, 0.0, 1.0)
@@ -848,9 +841,13 @@ def _write_into(root: pathlib.Path, size: int, frames: int, seed: int,
   (root / 'bg').mkdir(parents=True)
   Image.fromarray(bg).save(root / 'bg' / '00050.png')
   split_of = {}
-  for split, indices in splits(frames, seed).items():
+  split_frames = splits(frames, seed)
+  for split, indices in split_frames.items():
     (root / split).mkdir()
     split_of.update((int(f), split) for f in indices)
+  # Train rows are in time order, like the json written below.
+  np.save(root / data.INDEX_MAP_FILE,
+          data.make_index_map(np.arange(frames), split_frames['train']))
   entries = {split: [] for split in ('train', 'val', 'test')}
   digits = max(4, len(str(frames - 1)))
   start = time.time()
@@ -892,9 +889,11 @@ def write(out_dir: os.PathLike[str] | str, size: int = 512, frames: int = 300,
           seed: int = 0, *, verbose: Optional[bool] = None) -> pathlib.Path:
   """Writes the synthetic person as a NeRFace dataset folder.
 
-  The folder is built under a temporary sibling name and renamed at the end,
-  so a folder at `out_dir` is always complete. The same arguments give
-  byte-identical files.
+  transforms_{train,val,test}.json, <split>/f_<frame>.png, bg/00050.png and
+  index_map.npy (frames 0 .. frames - 1 over all splits, see
+  `data.make_index_map`). The folder is built under a temporary sibling
+  name and renamed at the end, so a folder at `out_dir` is always complete.
+  The same arguments give byte-identical files.
 
   Args:
     out_dir: the dataset folder to create; it must not exist or be empty.
@@ -932,6 +931,8 @@ def write(out_dir: os.PathLike[str] | str, size: int = 512, frames: int = 300,
 
 
 def _complete(path: pathlib.Path) -> bool:
+  # index_map.npy is optional: cache folders written before it existed hold
+  # the same images and json and stay valid.
   return all((path / f'transforms_{s}.json').is_file()
              for s in ('train', 'val', 'test')) and (
                  path / 'bg' / '00050.png').is_file()

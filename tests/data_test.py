@@ -1,5 +1,6 @@
 """Tests of the NeRFace dataset loader on hand-written tiny datasets."""
 
+import io
 import json
 import pathlib
 
@@ -271,3 +272,118 @@ def test_background_optional_when_not_requested(tmp_path):
   _write_dataset(tmp_path)
   (tmp_path / data.BACKGROUND_FILE).unlink()
   assert data.load(tmp_path, 'train', background=False).background is None
+
+
+# --- index_map.npy -----------------------------------------------------------
+
+# The tiny dataset of `_write_dataset` with 3 train frames: video frames 0, 1
+# and 3 train (rows 0..2 of transforms_train.json), 2 val, 4 test; the video
+# had a skipped frame 5, which is not a row.
+GOOD_MAP = [[0, 0], [1, 1], [2, -1], [3, 2], [4, -1], [6, -1]]
+
+
+def _write_map(root, index_map, dtype=np.int64):
+  np.save(root / data.INDEX_MAP_FILE, np.asarray(index_map, dtype))
+
+
+def test_make_index_map():
+  np.testing.assert_array_equal(
+      data.make_index_map([0, 1, 2, 3, 4, 6], [0, 1, 3]), GOOD_MAP)
+  assert data.make_index_map([0, 1, 2, 3, 4, 6], [0, 1, 3]).dtype == np.int64
+  with pytest.raises(ValueError):
+    data.make_index_map([0, 1], [0, 0])
+  with pytest.raises(ValueError):
+    data.make_index_map([0, 1], [2])
+
+
+@pytest.mark.parametrize('dtype', [np.int64, np.int32, np.uint16, np.float64])
+def test_valid_index_map_is_read_and_accepted(tmp_path, dtype):
+  _write_dataset(tmp_path, {'train': 3, 'val': 1, 'test': 1})
+  assert data.read_index_map(tmp_path) is None  # Optional.
+  # Column 1 is -1 outside the train split; unsigned types have no -1.
+  index_map = GOOD_MAP if dtype != np.uint16 else [[0, 0], [2, 1], [3, 2]]
+  _write_map(tmp_path, index_map, dtype)
+  read = data.read_index_map(tmp_path)
+  assert read.dtype == np.int64
+  np.testing.assert_array_equal(read, index_map)
+  np.testing.assert_array_equal(data.read_index_map(tmp_path, num_train=3),
+                                index_map)
+  assert data.load_splits(tmp_path)['train'].num_frames == 3
+
+
+def _bad(index_map, dtype=np.int64):
+  return lambda root: _write_map(root, index_map, dtype)
+
+
+def _bad_bytes(payload):
+  return lambda root: (root / data.INDEX_MAP_FILE).write_bytes(payload)
+
+
+def _npy_bytes(index_map):
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(index_map, np.int64))
+  return buffer.getvalue()
+
+
+def _object_array(root):
+  array = np.empty((2, 2), object)
+  array[:] = 1
+  np.save(root / data.INDEX_MAP_FILE, array, allow_pickle=True)
+
+
+# (case id, mutation, message parts); the dataset has 3 train frames.
+BAD_MAPS = [
+    ('not_npy', _bad_bytes(b'not an array'), ['not a .npy file']),
+    ('truncated', lambda root: (root / data.INDEX_MAP_FILE).write_bytes(
+        _npy_bytes(GOOD_MAP)[:-8]), ['not a readable .npy']),
+    ('pickled_objects', _object_array, ['not a readable .npy']),
+    ('one_column', _bad([0, 1, 2]), ['N x 2', 'shape (3,)']),
+    ('three_columns', _bad([[0, 0, 0]]), ['N x 2', 'shape (1, 3)']),
+    ('bool', _bad([[1, 1]], bool), ['integer array', 'bool']),
+    ('fractional', _bad([[0, 0], [1, 1.5], [2, 2]], np.float64),
+     ['row 1', 'not an integer']),
+    ('nan', _bad([[0, 0], [1, 1], [float('nan'), 2]], np.float64),
+     ['row 2', 'not an integer']),
+    ('negative_frame', _bad([[-1, 0], [1, 1], [2, 2]]),
+     ['row 0', 'negative video frame']),
+    ('not_in_time_order', _bad([[0, 0], [2, 1], [2, 2]]),
+     ['row 2', '[2, 2]', 'time order']),
+    ('train_index_too_large', _bad([[0, 0], [1, 1], [2, 3]]),
+     ['row 2', '[2, 3]', '[-1, 3)', '3 frames']),
+    ('train_index_below_minus_one', _bad([[0, 0], [1, -2], [2, 1], [3, 2]]),
+     ['row 1', '[-1, 3)']),
+    ('train_index_twice', _bad([[0, 0], [1, 1], [2, 1], [3, 2]]),
+     ['row 2', 'train index 1', 'already used by row 1']),
+    ('train_frame_missing', _bad([[0, 0], [1, -1], [2, 2]]),
+     ['names 2 train frames', 'has 3', 'train index 1']),
+    ('empty', _bad(np.zeros((0, 2))), ['names 0 train frames']),
+]
+
+
+@pytest.mark.parametrize('case,mutate,parts', BAD_MAPS,
+                         ids=[case[0] for case in BAD_MAPS])
+def test_malformed_index_map_is_refused_naming_file_and_row(
+    tmp_path, case, mutate, parts):
+  del case
+  _write_dataset(tmp_path, {'train': 3, 'val': 1, 'test': 1})
+  mutate(tmp_path)
+  for read in (data.read_index_map, data.load_splits):
+    with pytest.raises(data.DatasetError) as info:
+      read(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / 'index_map.npy') in message, message
+    for part in parts:
+      assert part in message, f'{part!r} not in {message!r}'
+
+
+def test_index_map_is_checked_before_images_are_decoded(tmp_path,
+                                                         monkeypatch):
+  _write_dataset(tmp_path, {'train': 3, 'val': 1, 'test': 1})
+  _write_map(tmp_path, [[0, 0], [1, 1]])
+
+  def no_decoding(*args):
+    raise AssertionError('decoded an image before checking the index map')
+
+  monkeypatch.setattr(data, '_read_image', no_decoding)
+  with pytest.raises(data.DatasetError, match='names 2 train frames'):
+    data.load_splits(tmp_path)

@@ -75,8 +75,8 @@ def test_written_camera_sees_the_face_where_the_tracker_did():
     depth = -(offset @ pose[:3, :3])[:, 2]
     chex.assert_trees_all_close(origin + depth[:, None] * direction,
                                 points * scale, atol=2e-5)
-    projected, _ = geometry.project(points * scale, pose, intrinsics, size,
-                                    size)
+    projected, _ = camera.project_np(points * scale, intrinsics, pose, size,
+                                     size)
     chex.assert_trees_all_close(projected, pixels, atol=1e-7)
 
 

@@ -125,6 +125,17 @@ def _distances_mm(root: pathlib.Path, tracks: tracking.Tracks,
   return np.array(distances)
 
 
+def _check_index_map(root: pathlib.Path, written: list[int]):
+  """index_map.npy: one row per written frame (video index, train row)."""
+  index_map = np.load(root / 'index_map.npy')
+  assert index_map.dtype == np.int64
+  np.testing.assert_array_equal(index_map[:, 0], written)
+  train = [_frame_index(p) for p in data.load(root, 'train').file_paths]
+  expected = [train.index(f) if f in train else -1 for f in written]
+  np.testing.assert_array_equal(index_map[:, 1], expected)
+  np.testing.assert_array_equal(data.read_index_map(root), index_map)
+
+
 def test_dataset_loads_with_rigid_normalised_cameras(dataset):
   splits = data.load_splits(dataset)
   report = _report(dataset)
@@ -156,6 +167,7 @@ def test_dataset_loads_with_rigid_normalised_cameras(dataset):
   assert indices['test'] == list(range(FRAMES - 4, FRAMES))
   assert len(indices['val']) >= 1
   assert report['frames_skipped'] == 0 and report['skipped'] == []
+  _check_index_map(dataset, list(range(FRAMES)))
 
 
 def test_landmark_rays_pass_near_canonical_vertices(dataset, tracks):
@@ -210,6 +222,8 @@ def test_black_frames_are_skipped_and_the_rest_stays_aligned(
       cosine = (np.trace(rotation.T @ clean_rotation[index]) - 1.0) / 2.0
       assert np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))) < 1.0
   assert seen == set(range(FRAMES)) - set(BLACK)
+  # Skipped frames are not rows of the index map.
+  _check_index_map(out, sorted(seen))
 
 
 def test_auto_background_removes_the_person(dataset, frames, tracks):

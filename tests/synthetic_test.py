@@ -1,7 +1,7 @@
 """Tests of nerface_jax.synthetic: the dataset format and the 3D scene.
 
 The scene is checked from the outside, as a loader and a NeRF see it: points
-are projected with the json's numbers by inverting the DESIGN.md section 3
+are projected with the json's numbers by inverting the docs/architecture.md §3
 ray formula (written here in numpy), and rays are generated from the json by
 that formula.
 """
@@ -51,7 +51,7 @@ def _index(frame: dict) -> int:
 
 
 def _ray(i, j, intrinsics, c2w, size):
-  """DESIGN.md ray through pixel column i, row j: (origin [3], dir [3])."""
+  """Ray through pixel column i, row j: (origin [3], dir [3])."""
   fx, fy, cx, cy = intrinsics
   d_cam = np.array([(i - size * cx) / fx, -(j - size * cy) / fy, -1.0])
   c2w = np.asarray(c2w)
@@ -169,6 +169,34 @@ def test_loader_reads_the_folder(dataset):
                                 synthetic.background(SIZE))
 
 
+def test_index_map_matches_the_splits(dataset):
+  index_map = np.load(dataset / 'index_map.npy')
+  assert index_map.dtype == np.int64
+  split = synthetic.splits(FRAMES, seed=0)
+  # One row per frame of the video, in time order.
+  np.testing.assert_array_equal(index_map[:, 0], np.arange(FRAMES))
+  expected = np.full(FRAMES, -1)
+  expected[split['train']] = np.arange(len(split['train']))
+  np.testing.assert_array_equal(index_map[:, 1], expected)
+  # Column 1 is the frame's row in transforms_train.json.
+  train = _metas(dataset)['train']['frames']
+  for frame, k in index_map[index_map[:, 1] >= 0]:
+    assert _index(train[k]) == frame
+  assert len(train) == np.sum(index_map[:, 1] >= 0)
+  np.testing.assert_array_equal(data.read_index_map(dataset), index_map)
+
+
+def test_cache_folder_without_index_map_stays_valid(tmp_path, monkeypatch):
+  # Folders cached before index_map.npy existed hold the same images and
+  # json: they are complete and load.
+  path = synthetic.ensure(tmp_path, size=16, frames=4, seed=2)
+  (path / 'index_map.npy').unlink()
+  monkeypatch.setattr(synthetic, 'write', None)  # Must not be called.
+  assert synthetic.ensure(tmp_path, size=16, frames=4, seed=2) == path
+  assert data.read_index_map(path) is None
+  assert sum(d.num_frames for d in data.load_splits(path).values()) == 4
+
+
 def test_splits_for_a_video_length():
   split = synthetic.splits(300, seed=3)
   assert len(split['test']) == 30
@@ -196,7 +224,7 @@ def test_images_are_renders_of_the_json(dataset):
         np.testing.assert_array_equal(image, np.asarray(stored))
 
 
-# --- Geometry seen through the DESIGN camera ----------------------------------
+# --- Geometry seen through the dataset camera ----------------------------------
 
 
 def test_nose_tip_projects_where_the_rays_hit_it(dataset):

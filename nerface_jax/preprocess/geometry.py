@@ -2,7 +2,7 @@
 
 Pixel conventions. The tracker's normalised landmarks (x / W, y / H) put the
 image edges at 0 and 1 ("corner" coordinates). The dataset's ray formula
-(DESIGN.md section 3) sends the ray of integer pixel (i, j) through the
+(docs/architecture.md §3) sends the ray of integer pixel (i, j) through the
 pixel's centre, so dataset pixel coordinates have pixel centres at integers.
 A crop [x0, x0 + side) resized by k = size / side maps a corner coordinate
 x of the frame to the dataset pixel coordinate k (x - x0) - 1/2.
@@ -236,30 +236,6 @@ def smooth_poses(c2w: np.ndarray, times: np.ndarray,
   out[:, :3, :3] = (u * fix[:, None, :]) @ vt
   out[:, :3, 3] = weights @ c2w[:, :3, 3]
   return out
-
-
-def project(points: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray,
-            height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """World points -> dataset pixel coordinates (the ray formula inverted).
-
-  Args:
-    points: float [P, 3] world points.
-    c2w: float [4, 4] camera-to-world.
-    intrinsics: float [4] (fx, fy, cx, cy) as in the dataset.
-    height: int image height.
-    width: int image width.
-
-  Returns:
-    (pixels float64 [P, 2] (column, row), depth float64 [P] camera depth).
-  """
-  c2w = np.asarray(c2w, np.float64)
-  cam = (np.asarray(points, np.float64) - c2w[:3, 3]) @ c2w[:3, :3]
-  depth = -cam[:, 2]
-  fx, fy, cx, cy = np.asarray(intrinsics, np.float64)
-  with np.errstate(divide='ignore', invalid='ignore'):
-    pixels = np.stack([width * cx + fx * cam[:, 0] / depth,
-                       height * cy - fy * cam[:, 1] / depth], -1)
-  return pixels, depth
 
 
 def is_rigid(c2w: np.ndarray, tol: float = 1e-6) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""Raw talking-head video -> NeRFace dataset folder (DESIGN.md section 3).
+"""Raw talking-head video -> NeRFace dataset folder (docs/architecture.md §3).
 
 Two passes over the video keep memory at the size of the landmarks, not the
 pixels: the first tracks every frame, which fixes the one square crop of the
@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
+from nerface_jax import camera
 from nerface_jax.preprocess import background as background_lib
 from nerface_jax.preprocess import debug
 from nerface_jax.preprocess import errors
@@ -31,7 +32,7 @@ from nerface_jax.preprocess import writer
 
 # Bump when the same input and options would give a different dataset, so
 # that a folder made by an older version is not taken for up to date.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index_map.npy.
 BACKGROUND_FRAMES = 60  # Frames sampled for the background estimate.
 DEBUG_SIZE = 512  # Overlays are drawn at least this large to be legible.
 # zlib level of the PNGs: close to the smallest files at a fraction of the
@@ -146,8 +147,9 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
 
   Writes `out/transforms_{train,val,test}.json`, `out/<split>/f_<frame>.png`
   (named by the frame's index in the video, so skipped frames leave gaps
-  instead of shifting names), `out/bg/00050.png`, `out/debug/` and
-  `out/preprocess_report.json`.
+  instead of shifting names), `out/bg/00050.png`, `out/index_map.npy` (one
+  row per written frame: video frame index, train row or -1; skipped frames
+  are not rows), `out/debug/` and `out/preprocess_report.json`.
 
   Args:
     video: a video file or a folder of images.
@@ -304,6 +306,7 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
       } for k in where]
       (tmp / f'transforms_{split}.json').write_text(
           writer.transforms_json(intrinsics, size, frames))
+    writer.write_index_map(tmp, kept, positions['train'])
 
     time_debug = time.time()
     _write_debug(tmp / 'debug',
@@ -372,8 +375,8 @@ def _write_debug(folder: pathlib.Path,
                                         tracking.FOV_Y_DEGREES)
   overlays = []
   for k, (image, mask) in sorted(images.items()):
-    mesh, _ = geometry.project(vertices * scale, c2w[k], intrinsics,
-                               debug_size, debug_size)
+    mesh, _ = camera.project_np(vertices * scale, intrinsics, c2w[k],
+                                debug_size, debug_size)
     points = geometry.to_crop_pixels(landmarks[k], height, width, crop,
                                      debug_size)
     # The background's person mask, at overlay resolution.

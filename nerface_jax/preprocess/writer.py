@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from nerface_jax import data
 from nerface_jax.preprocess import errors
 
 REPORT_FILE = 'preprocess_report.json'
@@ -55,6 +56,25 @@ def splits(num_frames: int, test_fraction: float, val_fraction: float,
   val = np.sort(rng.choice(rest, size=num_val, replace=False))
   return {'train': np.setdiff1d(np.arange(rest), val), 'val': val,
           'test': np.arange(rest, num_frames)}
+
+
+def write_index_map(folder: pathlib.Path, frames: np.ndarray,
+                    train: np.ndarray):
+  """Writes `folder/index_map.npy` (see `data.make_index_map`).
+
+  Only written frames are rows: frames skipped for having no usable face
+  have no image, pose or latent code and are left out, so column 0 has gaps
+  where they were (the report's "skipped" lists them).
+
+  Args:
+    folder: the dataset folder being written.
+    frames: int [N] video frame index of every kept frame, in time order.
+    train: int [T] positions in `frames` of the train split, in the order of
+      transforms_train.json.
+  """
+  frames = np.asarray(frames, np.int64)
+  np.save(folder / data.INDEX_MAP_FILE,
+          data.make_index_map(frames, frames[np.asarray(train, np.int64)]))
 
 
 def round_floats(values: np.ndarray) -> np.ndarray:
