@@ -1,4 +1,4 @@
-r"""Renders a trained avatar (DESIGN.md section 6).
+r"""Renders a trained avatar (docs/architecture.md, "Command line").
 
   python render.py --workdir=W --out=O                     # score the test split
   python render.py --workdir=W --out=O --mode=orbit --frame=10
@@ -8,97 +8,7 @@ r"""Renders a trained avatar (DESIGN.md section 6).
 Reads W's config and latest checkpoint (or --step).
 """
 
-from absl import app
-from absl import flags
-
-from nerface_jax import cli
-from nerface_jax import render_lib
-
-MODES = ('split', 'orbit', 'expression', 'reenact')
-SPLITS = ('train', 'val', 'test')
-
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder (new, empty, or one '
-                           'written by render.py before).')
-_MODE = flags.DEFINE_enum('mode', 'split', MODES, 'What to render.')
-_SPLIT = flags.DEFINE_enum(
-    'split', None, SPLITS, 'Split to render (--mode=split, default test) or '
-    'to take --frame from (orbit, expression; default train).')
-_DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, '--mode=split: render this dataset folder instead of '
-    'the training one.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
-_LATENT = flags.DEFINE_enum(
-    'latent', None, render_lib.LATENT_CHOICES,
-    'Latent code of unseen frames (default: the config\'s eval.latent).')
-_FRAME = flags.DEFINE_integer('frame', 0, 'Frame whose expression (orbit) or '
-                              'pose and expression (expression) are used.')
-_COEFF = flags.DEFINE_list('coeff', ['0'], '--mode=expression: coefficient '
-                           'indices to sweep.')
-_RANGE = flags.DEFINE_list('range', ['-1', '1'],
-                           '--mode=expression: first,last value.')
-_FRAMES = flags.DEFINE_integer('frames', 60, 'Frames of an orbit or a sweep.')
-_DRIVING = flags.DEFINE_string('driving', None, '--mode=reenact: the driving '
-                               'dataset folder.')
-_DRIVING_SPLIT = flags.DEFINE_enum('driving_split', 'test', SPLITS,
-                                   'Split of the driving dataset.')
-_NEUTRAL = flags.DEFINE_integer(
-    'neutral', None, 'Neutral training frame of the avatar (default: lowest '
-    'expression norm).')
-_DRIVING_NEUTRAL = flags.DEFINE_integer(
-    'driving_neutral', None, 'Neutral frame of the driver (default: lowest '
-    'expression norm).')
-_FPS = flags.DEFINE_float('fps', 25.0, 'Frame rate of the videos.')
-flags.mark_flags_as_required(['workdir', 'out'])
-
-
-def _ints(values, flag):
-  try:
-    return [int(v) for v in values]
-  except ValueError:
-    raise app.UsageError(f'--{flag} takes integers, got {values}.') from None
-
-
-def _run():
-  avatar = render_lib.load_avatar(_WORKDIR.value, _STEP.value)
-  mode = _MODE.value
-  if mode == 'split':
-    report = render_lib.render_split(
-        avatar, _OUT.value, _SPLIT.value or 'test', _DATA_DIR.value,
-        _LATENT.value, _FPS.value)
-    print({k: v if v is None else round(v, 4)
-           for k, v in report['mean'].items()})
-  elif mode == 'orbit':
-    render_lib.render_orbit(avatar, _OUT.value, _SPLIT.value or 'train',
-                            _FRAME.value, _FRAMES.value, _LATENT.value,
-                            _FPS.value)
-  elif mode == 'expression':
-    try:
-      low, high = (float(v) for v in _RANGE.value)
-    except ValueError:
-      raise app.UsageError(f'--range takes two numbers, got {_RANGE.value}.'
-                           ) from None
-    render_lib.render_expression(
-        avatar, _OUT.value, _ints(_COEFF.value, 'coeff'), low, high,
-        _FRAMES.value, _SPLIT.value or 'train', _FRAME.value, _LATENT.value,
-        _FPS.value)
-  else:
-    if not _DRIVING.value:
-      raise app.UsageError('--mode=reenact needs --driving=DATASET_DIR.')
-    render_lib.render_reenact(avatar, _OUT.value, _DRIVING.value,
-                              _DRIVING_SPLIT.value, _NEUTRAL.value,
-                              _DRIVING_NEUTRAL.value, _LATENT.value, _FPS.value)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.quiet_library_logs()
-  try:
-    _run()
-  except render_lib.RenderError as e:
-    raise SystemExit(f'Error: {e}') from None
-
+from nerface_jax.apps import render
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  render.run()

@@ -9,39 +9,7 @@ start the same command on every host with --coordinator_address,
 --num_processes and --process_id (or --distributed on TPU pods and SLURM).
 """
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from nerface_jax import cli
-from nerface_jax import parallel
-from nerface_jax import train_lib
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, optionally with a preset: '
-    'configs/person.py[:paper|demo|tiny].', lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Folder for checkpoints, logs and previews.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 of a multi-host job.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Processes in the multi-host job.')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Index of this process in the multi-host job.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Join a job that JAX detects by itself (TPU pods, '
-    'SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.quiet_library_logs()
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-  train_lib.main(_CONFIG.value, _WORKDIR.value)
-
+from nerface_jax.apps import train
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  train.run()

@@ -26,11 +26,46 @@ def parse_flags(argv: Sequence[str],
     The arguments left after flag parsing (program name first).
   """
   try:
-    return parse_flags_strict(argv, flag_values)
+    return parse_flags_strict(resolve_config_arg(argv), flag_values)
   except flags.Error as e:
     sys.stderr.write(f'FATAL Flags parsing error: {e}\n'
                      'Pass --helpshort or --helpfull to see help on flags.\n')
     sys.exit(1)
+
+
+def packaged_config(value: str) -> str:
+  """`--config`'s value, with the presets of the installed package as a
+  fallback: `demo` alone, or a `configs/person.py` that is not there (the
+  package installed and run from another folder), become the packaged
+  presets file (`nerface_jax/presets.py`), which defines the same presets.
+
+  Args:
+    value: 'PATH[:PRESET]' or 'PRESET'.
+
+  Returns:
+    'PATH[:PRESET]' naming a file that exists, where a fallback applies.
+  """
+  from nerface_jax import presets  # pylint: disable=g-import-not-at-top
+  path, colon, preset = value.partition(':')
+  if os.path.exists(path):
+    return value
+  if not colon and path in presets.PRESETS:
+    return f'{presets.__file__}:{path}'
+  if os.path.basename(path) == 'person.py':
+    return presets.__file__ + colon + preset
+  return value
+
+
+def resolve_config_arg(argv: Sequence[str]) -> list[str]:
+  """argv with `--config=VALUE` (or `--config VALUE`) resolved by
+  `packaged_config`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config='):
+      out[i] = '--config=' + packaged_config(arg[len('--config='):])
+    elif arg == '--config' and i + 1 < len(out):
+      out[i + 1] = packaged_config(out[i + 1])
+  return out
 
 
 def parse_flags_strict(
