@@ -64,9 +64,14 @@ import numpy as np
 
 from bench import train_bench
 from configs import person
+from nerface_jax import avatar as avatar_lib
 from nerface_jax import data
+from nerface_jax import edits
+from nerface_jax import evaluation
+from nerface_jax import images
+from nerface_jax import losses
 from nerface_jax import metrics
-from nerface_jax import render_lib
+from nerface_jax import renderer
 from nerface_jax import synthetic
 from nerface_jax import train_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -151,30 +156,16 @@ def dataset_folder(dataset: str, workdir: pathlib.Path) -> pathlib.Path:
   return out
 
 
-def render_scores(avatar: render_lib.Avatar, dataset: data.Dataset,
+def render_scores(avatar: avatar_lib.Avatar, dataset: data.Dataset,
                   codes: np.ndarray, frames: Optional[np.ndarray] = None
                   ) -> dict[str, float]:
-  """Mean image metrics (full frame and bbox) of `frames` with `codes`.
-
-  Args:
-    avatar: the trained avatar.
-    dataset: the split.
-    codes: float32 [F, L] one code per frame of `dataset`.
-    frames: int indices to score (default: all).
-  """
-  rows = []
-  indices = range(dataset.num_frames) if frames is None else frames
-  for index in indices:
-    out = avatar.render(render_lib.frame_inputs(dataset, index, codes[index]),
-                        dataset.height, dataset.width)
-    prediction = render_lib.to_uint8(out['rgb']).astype(np.float32) / 255
-    truth = dataset.images[index].astype(np.float32) / 255
-    rows.append(metrics.image_metrics(prediction, truth,
-                                      dataset.bboxes[index]))
-  return metrics.mean_metrics(rows)
+  """Mean image metrics (full frame and bbox) of `frames` with `codes`
+  (`evaluation.score_frames`, the scores of render.py)."""
+  return evaluation.score_frames(avatar.renderer, dataset, codes,
+                                 frames)['mean']
 
 
-def test_scores(avatar: render_lib.Avatar, test: data.Dataset
+def test_scores(avatar: avatar_lib.Avatar, test: data.Dataset
                 ) -> dict[str, dict[str, float]]:
   """{choice: mean metrics} on the test split for every gamma choice."""
   scores = {}
@@ -183,24 +174,18 @@ def test_scores(avatar: render_lib.Avatar, test: data.Dataset
       # Without codes every choice renders the same images.
       scores[choice] = scores['zero']
       continue
-    if choice == 'optimize':
-      codes = render_lib.optimize_latents(avatar, test)
-    else:
-      codes = np.tile(avatar.latent(choice), (test.num_frames, 1))
+    codes, _ = avatar.split_codes(test, choice, trained=False)
     scores[choice] = render_scores(avatar, test, codes)
     print(f'    test, {choice:8s}: PSNR {scores[choice]["psnr"]:.2f} dB',
           flush=True)
   return scores
 
 
-def train_frame_psnr(avatar: render_lib.Avatar, train: data.Dataset) -> float:
+def train_frame_psnr(avatar: avatar_lib.Avatar, train: data.Dataset) -> float:
   """Mean PSNR of a few training frames rendered with their own codes."""
-  used = avatar.meta['num_train_frames']
+  used = avatar.num_train_frames
   frames = np.unique(np.linspace(0, used - 1, TRAIN_FRAMES_SCORED).astype(int))
-  if 'latent' in avatar.host_params:
-    codes = np.asarray(avatar.host_params['latent']['gamma'], np.float32)
-  else:
-    codes = np.zeros((used, avatar.config.model.latent_dim), np.float32)
+  codes, _ = avatar.split_codes(train, 'zero', trained=True)
   return render_scores(avatar, train, codes, frames)['psnr']
 
 
@@ -221,7 +206,7 @@ def mouth_region(c2w: np.ndarray, expression: np.ndarray, size: int,
   return grown
 
 
-def jaw_control(avatar: render_lib.Avatar, train: data.Dataset,
+def jaw_control(avatar: avatar_lib.Avatar, train: data.Dataset,
                 config) -> dict[str, float]:
   """Mouth-region PSNR of a jaw sweep against the synthetic generator.
 
@@ -239,27 +224,26 @@ def jaw_control(avatar: render_lib.Avatar, train: data.Dataset,
                                     config.data.synthetic_seed)
   train_ids = synthetic.splits(config.data.synthetic_frames,
                                config.data.synthetic_seed)['train']
-  used = train_ids[:avatar.meta['num_train_frames']]
+  used = train_ids[:avatar.num_train_frames]
   appearance = trajectory.appearance[used].mean(axis=0)
-  centre = render_lib.head_centre(train.c2w)
-  index = render_lib.frontal_index(train.c2w, centre)
+  centre = edits.head_centre(train.c2w)
+  index = edits.frontal_index(train.c2w, centre)
   c2w = train.c2w[index].astype(np.float64)
   intrinsics = train.intrinsics.astype(np.float64)
   base = train.expressions[index].astype(np.float64)
   region = mouth_region(c2w, base, size, intrinsics, appearance)
-  latent = avatar.latent('mean')
+  latent = avatar.shared_code('mean')
   psnrs = []
   for jaw in JAW_VALUES:
     e = base.copy()
     e[synthetic.JAW] = jaw
     truth = synthetic.render(c2w, e, size, intrinsics, appearance)[0]
-    inputs = render_lib.frame_inputs(train, index, latent).replace(
+    inputs = renderer.dataset_inputs(train, index, latent).replace(
         expression=e.astype(np.float32))
-    out = avatar.render(inputs, size, size)
-    prediction = render_lib.to_uint8(out['rgb'])
+    prediction = images.to_uint8(avatar.render(inputs)['rgb'])
     err = (prediction[region].astype(np.float64) -
            truth[region].astype(np.float64)) / 255
-    psnrs.append(-10 * np.log10(max(np.mean(err ** 2), 1e-10)))
+    psnrs.append(float(losses.psnr(np.mean(err ** 2))))
   return {'mouth_psnr': float(np.mean(psnrs)),
           'mouth_psnr_open': float(psnrs[-1]),
           'mouth_pixels': int(region.sum())}
@@ -311,15 +295,15 @@ def run_row(name: str, dataset: str, overrides: dict[str, Any],
   start = time.perf_counter()
   last = train_lib.train_and_evaluate(config, str(workdir))
   train_seconds = time.perf_counter() - start
-  avatar = render_lib.load_avatar(workdir)
-  test = render_lib.load_dataset(avatar, 'test')
-  train = render_lib.load_dataset(avatar, 'train')
+  avatar = avatar_lib.load(workdir)
+  test = avatar_lib.load_dataset(avatar, 'test')
+  train = avatar_lib.load_dataset(avatar, 'train')
   scores = test_scores(avatar, test)
   record = {
       'dataset': pathlib.Path(dataset).name, 'run': name,
       'overrides': overrides, 'steps': config.train.max_steps,
       'rays': config.train.batch_rays,
-      'train_frames': avatar.meta['num_train_frames'],
+      'train_frames': avatar.num_train_frames,
       'train_seconds': train_seconds, 'load': load,
       'val_psnr': last.get('val_psnr'),
       'train_psnr': train_frame_psnr(avatar, train), 'test': scores}

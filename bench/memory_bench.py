@@ -8,7 +8,7 @@ in a fresh process so that the high-water marks are its own:
 
   loader   `data.load` of the train split: seconds, frames/s, peak host RSS
            (also at `--loader_frames`, a few hundred frames);
-  train    the training path of `train_lib`: load -> `device_data` -> placed
+  train    the training path of `experiment`: load -> `device_data` -> placed
            on the devices -> `--steps` steps of the `paper` training step
            (2048 rays); peak host RSS after each phase, and device memory
            (peak bytes in use where the device reports it; on CPU the
@@ -159,7 +159,7 @@ def child_train(root: str, steps: int, rays: int, frames: int = 0,
   import jax  # pylint: disable=g-import-not-at-top
   from bench import train_bench  # pylint: disable=g-import-not-at-top
   from nerface_jax import data  # pylint: disable=g-import-not-at-top
-  from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from nerface_jax import experiment  # pylint: disable=g-import-not-at-top
   phases = {'start': host_memory()}
   dataset = data.load(root, 'train')
   if frames:
@@ -170,7 +170,7 @@ def child_train(root: str, steps: int, rays: int, frames: int = 0,
             source, k).shape[1:]) for k in ('c2w', 'expressions', 'bboxes')})
     del source
   phases['loaded'] = host_memory()
-  host_data = train_lib.device_data(dataset, 0.9)
+  host_data = experiment.device_data(dataset, 0.9)
   phases['prepared'] = host_memory()
   config = train_bench.bench_config('paper', rays)
   step = train_bench.JaxStep(config, host_data)

@@ -55,10 +55,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import train_bench
 from configs import person
-from nerface_jax import metrics
-from nerface_jax import models
+from nerface_jax import avatar as avatar_lib
+from nerface_jax import evaluation
+from nerface_jax import experiment
+from nerface_jax import latents
 from nerface_jax import parallel
-from nerface_jax import render_lib
+from nerface_jax import renderer
 from nerface_jax import train_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -67,11 +69,12 @@ FIELDS = ('step', 'train_seconds', 'wall_seconds', 'train_psnr', 'test_psnr',
 
 
 class TestEvaluator:
-  """Mean PSNR of rendered test frames against their images."""
+  """Mean PSNR of rendered test frames (uint8, as render.py scores them)."""
 
-  def __init__(self, config, model, mesh, test, num_frames: int):
-    self.config, self.mesh, self.test = config, mesh, test
-    self.render_chunk = render_lib.make_render_chunk(model, mesh)
+  def __init__(self, exp: experiment.Experiment, test, num_frames: int):
+    self.config, self.test = exp.config, test
+    self.exp = exp
+    self.render = None  # Compiled on the first call, reused after.
     count = test.num_frames if num_frames <= 0 else min(num_frames,
                                                         test.num_frames)
     self.frames = np.linspace(0, test.num_frames - 1, count).round().astype(
@@ -79,22 +82,19 @@ class TestEvaluator:
 
   def __call__(self, params) -> float:
     host = parallel.to_host(params)
+    if self.render is None:
+      self.render = renderer.Renderer.create(
+          self.exp.model, host, self.exp.mesh, self.config.render.chunk)
     choice = self.config.eval.latent
     # Fitting codes per frame is a render-time option; the mean code is its
     # cheap stand-in here.
-    latent = render_lib.eval_latent(
+    code = latents.shared_code(
         host, 'mean' if choice == 'optimize' else choice,
         self.config.eval.latent_frame, self.config.model.latent_dim)
-    placed = parallel.replicate(host, self.mesh)
-    scores = []
-    for index in self.frames:
-      out = render_lib.render_frame(
-          self.render_chunk, placed,
-          render_lib.frame_inputs(self.test, index, latent),
-          self.test.height, self.test.width, self.config.render.chunk,
-          self.mesh)
-      scores.append(metrics.psnr(out['rgb'], self.test.images[index]))
-    return float(np.mean(scores))
+    scores = evaluation.score_frames(
+        self.render.with_params(host), self.test,
+        np.tile(code, (self.test.num_frames, 1)), self.frames)
+    return scores['mean']['psnr']
 
 
 def _nice_step(span: float, target: int = 6) -> float:
@@ -181,6 +181,19 @@ def write_csv(rows: list[dict], path: pathlib.Path):
                            row[k]) for k in FIELDS})
 
 
+def score_checkpoint(workdir: str, split: str):
+  """Prints the scores of a trained checkpoint on a split, as render.py and
+  the training log compute them (`evaluation.score_frames`)."""
+  avatar = avatar_lib.load(workdir)
+  dataset = avatar_lib.load_dataset(avatar, split)
+  codes, used = avatar.split_codes(
+      dataset, None, avatar_lib.is_training_data(avatar, dataset, split))
+  scores = evaluation.score_frames(avatar.renderer, dataset, codes)
+  print(f'{workdir} step {avatar.step}, {split} ({dataset.num_frames} '
+        f'frames, latent {used}): PSNR {scores["mean"]["psnr"]:.4f} dB, SSIM '
+        f'{scores["mean"]["ssim"]:.4f}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='demo', choices=person.PRESETS)
@@ -196,7 +209,15 @@ def main():
       pathlib.Path(__file__).resolve().parent / 'results'))
   parser.add_argument('--cpu_devices', type=int, default=None,
                       help='split the CPU into N devices (before JAX starts)')
+  parser.add_argument('--workdir', default=None,
+                      help='only score this trained workdir\'s checkpoint '
+                      '(no training)')
+  parser.add_argument('--split', default='test',
+                      help='with --workdir: the split to score')
   args = parser.parse_args()
+  if args.workdir:
+    score_checkpoint(args.workdir, args.split)
+    return
 
   config = person.get_config(args.preset)
   if args.max_steps:
@@ -206,17 +227,13 @@ def main():
   out = pathlib.Path(args.out)
   name = f'time_to_quality_{args.preset}'
   wall_start = time.perf_counter()
-  splits = train_lib.load_data(config)
-  train, test = splits['train'], splits['test']
-  mesh = parallel.make_mesh()
-  model = models.construct_model(config, train.num_frames, train.expr_dim)
-  tx = train_lib.make_optimizer(config)
-  state = parallel.replicate(
-      train_lib.create_train_state(config, model, train.expr_dim, tx), mesh)
+  exp = experiment.setup(config)
+  train, test = exp.train, exp.splits['test']
+  state = exp.initial_state()
   train_data = parallel.replicate(
-      train_lib.device_data(train, config.data.bbox_weight), mesh)
-  step_fn = train_lib.make_train_step(config, model, tx, mesh)
-  evaluate = TestEvaluator(config, model, mesh, test, args.test_frames)
+      experiment.device_data(train, config.data.bbox_weight), exp.mesh)
+  step_fn = train_lib.make_train_step(config, exp.model, exp.tx, exp.mesh)
+  evaluate = TestEvaluator(exp, test, args.test_frames)
   print(f'devices: {train_bench.describe_devices()}')
   print(f'{args.preset}: {train.num_frames} train frames of {train.width}x'
         f'{train.height}, {len(evaluate.frames)} test frames, '

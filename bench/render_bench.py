@@ -1,6 +1,6 @@
 """Seconds per rendered frame of the `paper` model at 512x512 and 256x256.
 
-Renders whole frames with the library's renderer (`render_lib.render_frame`
+Renders whole frames with the library's renderer (`renderer.render_frame`
 over `make_render_chunk`: chunks of `render.chunk` rays sharded over every
 device, 64 coarse + 64 fine samples, deterministic) and reports seconds per
 frame, rays/s and achieved GFLOP/s of the forward passes (layer shapes: the
@@ -11,7 +11,7 @@ coarse network on 64 samples and the fine one on 128 per ray).
 
 Without `--workdir` the model is freshly initialised (rendering cost does not
 depend on the weights: there is no early ray termination); with it, the
-trained avatar of a training workdir is loaded (`render_lib.load_avatar`).
+trained avatar of a training workdir is loaded (`avatar.load`).
 `--max_chunks N` times only the first N chunks of a frame and scales the
 time by the frame's chunk count; the output says so. Compilation is done on
 one chunk before timing.
@@ -37,19 +37,20 @@ from configs import person  # pylint: disable=g-import-not-at-top
 from nerface_jax import camera  # pylint: disable=g-import-not-at-top
 from nerface_jax import models  # pylint: disable=g-import-not-at-top
 from nerface_jax import parallel  # pylint: disable=g-import-not-at-top
-from nerface_jax import render_lib  # pylint: disable=g-import-not-at-top
+from nerface_jax import avatar as avatar_lib  # pylint: disable=g-import-not-at-top
+from nerface_jax import renderer  # pylint: disable=g-import-not-at-top
 from nerface_jax import synthetic  # pylint: disable=g-import-not-at-top
 
 
 def frame_inputs(size: int, expr_dim: int, latent_dim: int,
-                 seed: int = 0) -> render_lib.FrameInputs:
+                 seed: int = 0) -> renderer.FrameInputs:
   """A synthetic person's pose and intrinsics at `size`, random background."""
   traj = synthetic.trajectory(1, seed)
   rng = np.random.default_rng(seed)
   expression = np.zeros((expr_dim,), np.float32)
   n = min(expr_dim, traj.expressions.shape[1])
   expression[:n] = traj.expressions[0, :n]
-  return render_lib.FrameInputs(
+  return renderer.FrameInputs(
       c2w=traj.c2w[0].astype(np.float32),
       intrinsics=synthetic.default_intrinsics(size).astype(np.float32),
       expression=expression,
@@ -104,9 +105,9 @@ def main():
 
   mesh = parallel.make_mesh()
   if args.workdir:
-    avatar = render_lib.load_avatar(args.workdir, mesh=mesh)
-    config, model, params = avatar.config, avatar.model, avatar.params
-    render_chunk, expr_dim = avatar.render_chunk, avatar.expr_dim
+    avatar = avatar_lib.load(args.workdir, mesh=mesh)
+    config, model, params = avatar.config, avatar.model, avatar.renderer.params
+    render_chunk, expr_dim = avatar.renderer.render_chunk, avatar.expr_dim
     source = f'trained avatar {args.workdir} (step {avatar.step})'
   else:
     config = person.get_config('paper')
@@ -115,7 +116,7 @@ def main():
     model = models.construct_model(config, 1, expr_dim)
     params = parallel.replicate(
         models.init_params(model, jax.random.PRNGKey(0), expr_dim), mesh)
-    render_chunk = render_lib.make_render_chunk(model, mesh)
+    render_chunk = renderer.make_render_chunk(model, mesh)
     source = 'paper model, fresh weights'
   chunk = args.chunk or config.render.chunk
   r = config.render
@@ -151,7 +152,7 @@ def main():
       times = []
       for _ in range(args.repeats):
         start = time.perf_counter()
-        out = render_lib.render_frame(render_chunk, params, inputs, size,
+        out = renderer.render_frame(render_chunk, params, inputs, size,
                                       size, chunk, mesh)
         times.append(time.perf_counter() - start)
         assert np.all(np.isfinite(out['rgb']))

@@ -1,6 +1,6 @@
 """The original NeRFace training step in PyTorch eager: the speed reference.
 
-Written from the facts of DESIGN.md section 4, the way the original PyTorch
+Written from the facts of docs/architecture.md §4, the way the original PyTorch
 code ran a step: ONE training image per step, 2048 of its pixels drawn with
 the bbox-weighted probability map, 64 stratified coarse samples, 64 fine
 samples by inverse CDF, two MLPs whose input is PE(xyz) ++ expression/3 ++
@@ -58,7 +58,7 @@ def positional_encoding(x: torch.Tensor, num_freqs: int,
 class NerfaceMLP(nn.Module):
   """One NeRFace radiance field with a per-sample concatenated input.
 
-  Layer for layer the network of DESIGN.md section 4 (and of
+  Layer for layer the network of docs/architecture.md §4 (and of
   nerface_jax.models.ConditionedMLP): the kernel rows of the first and the
   skip layer are ordered [PE(x), condition, h], the first colour layer's
   [feature, PE(direction)], so JAX parameters load one to one.

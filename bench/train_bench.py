@@ -51,6 +51,7 @@ from nerface_jax import parallel  # pylint: disable=g-import-not-at-top
 from nerface_jax import sampler  # pylint: disable=g-import-not-at-top
 from nerface_jax import synthetic  # pylint: disable=g-import-not-at-top
 from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
+from nerface_jax import train_state  # pylint: disable=g-import-not-at-top
 
 EXPR_DIM = synthetic.EXPR_DIM  # 76, as in the released NeRFace data.
 
@@ -152,8 +153,8 @@ class JaxStep:
     expr_dim = host_data.expressions.shape[1]
     num_frames = host_data.images.shape[0]
     self.model = models.construct_model(config, num_frames, expr_dim)
-    tx = train_lib.make_optimizer(config)
-    state = train_lib.create_train_state(config, self.model, expr_dim, tx)
+    tx = train_state.make_optimizer(config)
+    state = train_state.create_train_state(config, self.model, expr_dim, tx)
     if config.parallel.mode == 'pmap':
       self.state = parallel.stack_local(state)
       self.data = parallel.stack_local(host_data)

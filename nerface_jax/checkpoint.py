@@ -13,6 +13,7 @@ import pathlib
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
@@ -93,6 +94,40 @@ class Checkpoints:
     Raises:
       FileNotFoundError: when there is no checkpoint.
     """
+    step = self._existing_step(step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+    return restored.state
+
+  def restore_params(self, abstract_params: Any,
+                     step: Optional[int] = None) -> Any:
+    """Only the parameters of the state at `step`, as host numpy arrays.
+
+    Rendering needs neither the optimiser moments (twice the parameters'
+    size) nor device placement, so only the `params` subtree is read.
+
+    Args:
+      abstract_params: the parameter tree's shapes and dtypes
+        (`train_state.abstract_params`).
+      step: the checkpoint step; None for the latest.
+
+    Returns:
+      The parameter tree of numpy arrays.
+    """
+    step = self._existing_step(step)
+    item = {'params': abstract_params}
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          self.directory / str(step) / 'state',
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                      partial_restore=True))
+    return restored['params']
+
+  def _existing_step(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{self.directory}: no checkpoint.')
@@ -100,11 +135,7 @@ class Checkpoints:
       raise FileNotFoundError(
           f'{self.directory}: no checkpoint at step {step}; available: '
           f'{self.all_steps()}.')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    return step
 
   def restore_config(self, step: Optional[int] = None) -> dict[str, Any]:
     """The config saved beside the checkpoint at `step` (default: latest)."""

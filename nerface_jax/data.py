@@ -1,10 +1,12 @@
 """Loading and validating a dataset folder in the NeRFace format.
 
-The format (DESIGN.md section 3) is the one of the original NeRFace release:
+The format (docs/architecture.md §3) is the one of the original NeRFace release:
 `transforms_{train,val,test}.json`, images at `<file_path>.png`, a static
-background at `bg/00050.png`. Every problem found is reported as a
-`DatasetError` that names the file and, where it applies, the frame, so a
-malformed dataset never explains itself with a bare traceback.
+background at `bg/00050.png` and, optionally, `index_map.npy` (each video
+frame's row in the train split, read by the original evaluation script).
+Every problem found is reported as a `DatasetError` that names the file and,
+where it applies, the frame, so a malformed dataset never explains itself
+with a bare traceback.
 
 Images stay uint8 on the host (a 5,500-frame 512x512 subject is 4.3 GB);
 conversion to float happens on the device, per batch.
@@ -24,6 +26,7 @@ from PIL import Image
 
 SPLITS = ('train', 'val', 'test')
 BACKGROUND_FILE = os.path.join('bg', '00050.png')
+INDEX_MAP_FILE = 'index_map.npy'
 # Tracker output is rigid but stored with a few significant digits; a loose
 # tolerance accepts that while still catching scaled or sheared matrices.
 ORTHONORMAL_TOL = 0.02
@@ -336,6 +339,129 @@ def load(path: os.PathLike[str] | str, split: str, downscale: int = 1,
       path=root)
 
 
+def make_index_map(video_frames: Sequence[int],
+                   train_frames: Sequence[int]) -> np.ndarray:
+  """The `index_map.npy` array of a dataset.
+
+  Args:
+    video_frames: int [N] video frame index of every frame written to the
+      dataset (all splits), in time order.
+    train_frames: int [T] video frame index of each frame of
+      transforms_train.json, in the json's order (row k of the train split
+      is its per-frame latent code k).
+
+  Returns:
+    int64 [N, 2]: per video frame (video frame index, its row in the train
+    split or -1 when it is not a training frame).
+  """
+  video_frames = np.asarray(video_frames, np.int64).reshape(-1)
+  train_frames = np.asarray(train_frames, np.int64).reshape(-1)
+  position = {int(f): k for k, f in enumerate(train_frames)}
+  if len(position) != train_frames.size or not set(position) <= set(
+      video_frames.tolist()):
+    raise ValueError('train_frames must be distinct members of video_frames.')
+  return np.stack([video_frames, np.array(
+      [position.get(int(f), -1) for f in video_frames], np.int64)], axis=-1)
+
+
+def _train_length(root: pathlib.Path) -> int:
+  json_path = root / 'transforms_train.json'
+  frames = _read_json(json_path).get('frames')
+  if not isinstance(frames, list):
+    raise DatasetError(f'{json_path}: missing the "frames" list.')
+  return len(frames)
+
+
+def read_index_map(path: os.PathLike[str] | str,
+                   num_train: Optional[int] = None) -> Optional[np.ndarray]:
+  """Reads and validates `<dataset>/index_map.npy`, which is optional.
+
+  The original NeRFace evaluation script maps video frames to train rows
+  (latent codes) with it. One row per video frame in time order: column 0
+  the video frame index (>= 0, strictly increasing), column 1 the frame's
+  row in transforms_train.json or -1 when it is not a training frame. Every
+  train row appears exactly once.
+
+  Args:
+    path: the dataset folder.
+    num_train: frames in the train split; default: counted from
+      transforms_train.json (read only when the index map exists).
+
+  Returns:
+    int64 [N, 2], or None when the dataset has no index map.
+
+  Raises:
+    DatasetError: naming the file and the first bad row.
+  """
+  root = pathlib.Path(path).expanduser()
+  file = root / INDEX_MAP_FILE
+  if not file.is_file():
+    return None
+  try:
+    with open(file, 'rb') as f:
+      if f.read(6) != b'\x93NUMPY':
+        raise DatasetError(f'{file}: not a .npy file (written by numpy.save '
+                           'as an N x 2 integer array).')
+      f.seek(0)
+      raw = np.load(f, allow_pickle=False)
+  except DatasetError:
+    raise
+  except (OSError, ValueError, EOFError) as e:
+    raise DatasetError(f'{file}: not a readable .npy array ({e}).') from None
+  if not isinstance(raw, np.ndarray) or raw.ndim != 2 or raw.shape[1] != 2:
+    raise DatasetError(
+        f'{file}: expected an N x 2 array (video frame, train index) per '
+        f'row, got shape {getattr(raw, "shape", None)}.')
+  if np.issubdtype(raw.dtype, np.integer):
+    index_map = raw.astype(np.int64)
+  elif np.issubdtype(raw.dtype, np.floating):
+    # The original script reads the file with .astype(int): integral floats
+    # are accepted, anything else is refused.
+    bad = ~np.all(np.isfinite(raw) & (raw == np.round(raw)), axis=1)
+    if bad.any():
+      row = int(np.argmax(bad))
+      raise DatasetError(f'{file}: row {row} {raw[row].tolist()} holds a '
+                         'value that is not an integer.')
+    index_map = raw.astype(np.int64)
+  else:
+    raise DatasetError(f'{file}: expected an integer array, got dtype '
+                       f'{raw.dtype}.')
+  if num_train is None:
+    num_train = _train_length(root)
+  frames, train = index_map[:, 0], index_map[:, 1]
+  checks = [
+      (frames < 0, 'has a negative video frame index'),
+      (np.concatenate([[False], frames[1:] <= frames[:-1]]),
+       'does not have a larger video frame index than the previous row '
+       '(rows are video frames in time order)'),
+      ((train < -1) | (train >= num_train),
+       f'has a train index outside [-1, {num_train}) (transforms_train.json '
+       f'has {num_train} frames)'),
+  ]
+  for bad, what in checks:
+    if bad.any():
+      row = int(np.argmax(bad))
+      raise DatasetError(f'{file}: row {row} {index_map[row].tolist()} '
+                         f'{what}.')
+  first_row: dict[int, int] = {}
+  for row, k in enumerate(train.tolist()):
+    if k < 0:
+      continue
+    if k in first_row:
+      raise DatasetError(
+          f'{file}: row {row} {index_map[row].tolist()} uses train index {k} '
+          f'already used by row {first_row[k]}; each train frame must appear '
+          'once.')
+    first_row[k] = row
+  if len(first_row) != num_train:
+    missing = sorted(set(range(num_train)) - set(first_row))
+    raise DatasetError(
+        f'{file}: names {len(first_row)} train frames but '
+        f'transforms_train.json has {num_train}; no row has train index '
+        f'{missing[0]}.')
+  return index_map
+
+
 def load_splits(path: os.PathLike[str] | str,
                 splits: Sequence[str] = SPLITS, downscale: int = 1,
                 *, background: bool = True) -> dict[str, Dataset]:
@@ -351,8 +477,11 @@ def load_splits(path: os.PathLike[str] | str,
     {split: Dataset}, all with the same image size and expression length.
 
   Raises:
-    DatasetError: if a split is malformed or disagrees with the first one.
+    DatasetError: if a split is malformed or disagrees with the first one,
+      or if the optional `index_map.npy` is malformed (checked first, before
+      any image is decoded).
   """
+  read_index_map(path)
   datasets: dict[str, Dataset] = {}
   reference: Optional[Dataset] = None
   for split in splits:
@@ -376,16 +505,3 @@ def cache_dir(configured: Optional[str] = None) -> pathlib.Path:
   chosen = configured or os.environ.get('NERFACE_JAX_CACHE') or _DEFAULT_CACHE
   return pathlib.Path(chosen).expanduser()
 
-
-def dataset_dir(data_config) -> pathlib.Path:
-  """The dataset folder of a config's `data` section.
-
-  `data.dir` when set; otherwise the built-in synthetic person, generated
-  into the cache on first use and read through `load` like any dataset.
-  """
-  if data_config.dir:
-    return pathlib.Path(data_config.dir).expanduser()
-  from nerface_jax import synthetic  # pylint: disable=g-import-not-at-top
-  return synthetic.ensure(
-      cache_dir(data_config.cache_dir), size=data_config.synthetic_size,
-      frames=data_config.synthetic_frames, seed=data_config.synthetic_seed)

@@ -3,6 +3,8 @@
 import chex
 import jax.numpy as jnp
 
+from nerface_jax import config_lib
+
 
 def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
   """Mean squared error over all elements.
@@ -18,7 +20,7 @@ def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 
-PRIORS = ('norm', 'squared')
+PRIORS = config_lib.CHOICES['train.latent_prior']
 
 
 def latent_prior(codes: chex.Array, kind: str = 'norm') -> chex.Array:

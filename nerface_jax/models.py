@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nerface_jax import config_lib
 from nerface_jax import encoding
 from nerface_jax import rendering
 from nerface_jax import sampling
@@ -22,6 +23,7 @@ from nerface_jax import types
 
 Dtype = Any
 
+# Keyed by config_lib.CHOICES['model.compute_dtype'] and ['data.background'].
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _BACKGROUNDS = {'image': True, 'none': False}
 
@@ -385,7 +387,7 @@ class NerfaceModel(nn.Module):
     return coarse, fine
 
 
-EXPR_NORMS = ('scale', 'standardize')
+EXPR_NORMS = config_lib.CHOICES['model.expr_norm']
 # Coefficients that barely move in training are not blown up to unit spread.
 _MIN_EXPR_STD = 1e-2
 
@@ -421,8 +423,7 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
     An unbound NerfaceModel.
   """
   m = config.model
-  # Configs saved before the key existed scaled only.
-  expr_norm = m.get('expr_norm', 'scale')
+  expr_norm = m.expr_norm
   if expr_norm not in EXPR_NORMS:
     raise ValueError(f'config.model.expr_norm must be one of {EXPR_NORMS}; '
                      f'got {expr_norm!r}.')

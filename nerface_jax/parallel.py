@@ -17,8 +17,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from nerface_jax import config_lib
+
 AXIS = 'data'
-MODES = ('shard_map', 'pmap')
+MODES = config_lib.CHOICES['parallel.mode']
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

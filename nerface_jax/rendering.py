@@ -38,7 +38,7 @@ def composite(rgb: chex.Array,
               t: chex.Array,
               directions: chex.Array,
               background: Optional[chex.Array] = None) -> types.Renderings:
-  """Alpha-composites samples along rays (DESIGN.md section 4).
+  """Alpha-composites samples along rays (docs/architecture.md §4).
 
   alpha_i = 1 - exp(-sigma_i * delta_i) with delta_i = (t_{i+1} - t_i) * ||d||
   and w_i = alpha_i * prod_{k<i} (1 - alpha_k).

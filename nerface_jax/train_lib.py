@@ -1,4 +1,4 @@
-"""Training: the train state, the data-parallel step, and the training loop.
+"""Training: the data-parallel step and the training loop.
 
 `make_train_step` builds ONE per-device body (draw this device's share of the
 rays on the device, render, losses, gradients, `lax.pmean` over 'data',
@@ -16,64 +16,29 @@ import time
 from typing import Any, Optional
 
 from absl import logging
-import chex
-from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 
 from nerface_jax import checkpoint
+from nerface_jax import config_lib
 from nerface_jax import data
+from nerface_jax import errors
+from nerface_jax import evaluation
+from nerface_jax import experiment
+from nerface_jax import images
+from nerface_jax import latents
 from nerface_jax import losses
 from nerface_jax import models
 from nerface_jax import parallel
-from nerface_jax import render_lib
+from nerface_jax import renderer
 from nerface_jax import sampler
 from nerface_jax import summary
+from nerface_jax import train_state
 
-
-@struct.dataclass
-class TrainState:
-  """Everything a step changes (and a checkpoint holds).
-
-  Attributes:
-    step: int32 [] steps taken.
-    params: model parameters (the gamma table included).
-    opt_state: optax state.
-    rng: uint32 [2] base key; a step's randomness is fold_in(rng, step).
-  """
-  step: chex.Array
-  params: Any
-  opt_state: Any
-  rng: chex.Array
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on; the message says why and what was kept."""
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr * decay_rate ** (step / decay_steps), the original's decay."""
-  return optax.exponential_decay(
-      config.train.lr, transition_steps=config.train.lr_decay_steps,
-      decay_rate=config.train.lr_decay_rate)
-
-
-def make_optimizer(config: ml_collections.ConfigDict):
-  return optax.adam(learning_rate_schedule(config))
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       model: models.NerfaceModel, expr_dim: int,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state from `train.seed` (host-side, not yet placed)."""
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.train.seed))
-  params = models.init_params(model, init_key, expr_dim)
-  return TrainState(step=jnp.int32(0), params=params,
-                    opt_state=tx.init(params), rng=train_key)
+TrainingError = errors.TrainingError
 
 
 # fold_in stream of the code perturbation, apart from the model's four keys.
@@ -114,16 +79,9 @@ def perturb_codes(codes: jax.Array, key: jax.Array, dropout: float,
 
 
 def latent_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """compute_losses' keyword arguments of the gamma regularisation."""
+  """compute_losses' keyword arguments of the gamma regularisation (the
+  values are checked by `config_lib.validate`)."""
   t = config.train
-  if not 0.0 <= t.latent_dropout < 1.0:
-    raise ValueError(
-        f'train.latent_dropout must be in [0, 1), got {t.latent_dropout}.')
-  if t.latent_noise < 0.0:
-    raise ValueError(f'train.latent_noise must be >= 0, got {t.latent_noise}.')
-  if t.latent_prior not in losses.PRIORS:
-    raise ValueError(f'train.latent_prior must be one of {losses.PRIORS}, got '
-                     f'{t.latent_prior!r}.')
   return {'prior': t.latent_prior, 'dropout': float(t.latent_dropout),
           'noise': float(t.latent_noise)}
 
@@ -191,7 +149,7 @@ def make_train_step(config: ml_collections.ConfigDict,
   latent_reg = config.train.latent_reg
   options = latent_options(config)
 
-  def body(state: TrainState, device_data: sampler.DeviceData):
+  def body(state: train_state.TrainState, device_data: sampler.DeviceData):
     # Every device draws the same global batch of (frame, pixel) pairs and
     # per-ray keys from (seed, step), then keeps its own slice: the numbers
     # are the same on 1, 4 or 4,096 devices, under shard_map and pmap, and
@@ -218,78 +176,24 @@ def make_train_step(config: ml_collections.ConfigDict,
   return parallel.map_step(body, config.parallel.mode, mesh)
 
 
-def load_data(config: ml_collections.ConfigDict) -> dict[str, data.Dataset]:
-  """Loads train/val/test of the configured dataset (or the built-in person)."""
-  root = data.dataset_dir(config.data)
-  splits = data.load_splits(
-      root, downscale=config.data.downscale,
-      background=config.data.background == 'image')
-  splits['train'] = splits['train'].prefix(config.data.train_fraction)
-  expr_dim = config.model.expr_dim
-  if expr_dim is not None and expr_dim != splits['train'].expr_dim:
-    raise data.DatasetError(
-        f'{root}: expressions have {splits["train"].expr_dim} values but '
-        f'config.model.expr_dim is {expr_dim}.')
-  return splits
-
-
-def data_facts(train: data.Dataset) -> dict[str, Any]:
-  """What a checkpoint must know of its training data to be rebuilt."""
-  return {'data_dir': str(train.path), 'num_train_frames': train.num_frames,
-          'expr_dim': train.expr_dim, 'height': train.height,
-          'width': train.width,
-          'intrinsics': [float(v) for v in train.intrinsics],
-          **models.expression_stats(train.expressions)}
-
-
-def device_data(dataset: data.Dataset, bbox_weight: float):
-  """The sampling tables of a training split (host numpy)."""
-  return sampler.prepare(dataset.images, dataset.c2w, dataset.expressions,
-                         dataset.bboxes, dataset.background,
-                         dataset.intrinsics, bbox_weight)
-
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def _restore(ckpt: checkpoint.Checkpoints, target: TrainState,
-             config: ml_collections.ConfigDict) -> TrainState:
-  """Restores the latest checkpoint, explaining a config mismatch."""
-  try:
-    return ckpt.restore(target)
-  except (ValueError, KeyError) as e:
-    saved = _flatten(ckpt.restore_config())
-    current = _flatten(_config_dict(config))
-    differing = sorted(k for k in saved.keys() | current.keys()
-                       if saved.get(k) != current.get(k))
-    raise TrainingError(
-        f'{ckpt.directory}: the latest checkpoint (step {ckpt.latest_step()}) '
-        f'does not fit this config ({e}). Keys that differ from the saved '
-        f'config: {", ".join(differing) or "none"}. Use another --workdir or '
-        'the saved settings.') from None
-
-
 class _Evaluator:
-  """Renders val frames during training: PSNR, preview PNGs, TB images."""
+  """Scores val frames during training (val PSNR) and writes previews.
 
-  def __init__(self, config, model, mesh, val: Optional[data.Dataset],
-               workdir: pathlib.Path):
+  The scores come from `evaluation.score_frames`, as in `render.py`, so a
+  val PSNR in the logs is the one render.py reports for that frame.
+  """
+
+  def __init__(self, config, render: renderer.Renderer,
+               val: Optional[data.Dataset], workdir: pathlib.Path):
     self.config = config
-    self.mesh = mesh
+    self.render = render
     self.val = val
     self.previews = workdir / 'previews'
-    self.render_chunk = render_lib.make_render_chunk(model, mesh)
     count = min(config.eval.preview_frames, val.num_frames) if val else 0
     # Spread over the split so previews show different poses.
     self.frames = (np.linspace(0, val.num_frames - 1, count).round().astype(
@@ -299,104 +203,175 @@ class _Evaluator:
     if not self.frames:
       return {}
     choice = self.config.eval.latent
-    if choice == 'optimize':
-      # Fitting codes per frame is a render-time job; training previews use
-      # the mean code.
-      choice = 'mean'
+    # Fitting codes per frame is a render-time job; training previews use
+    # the mean code.
     host_params = parallel.to_host(params)
-    latent = render_lib.eval_latent(host_params, choice,
-                                    self.config.eval.latent_frame,
-                                    self.config.model.latent_dim)
-    params = parallel.replicate(host_params, self.mesh)
-    psnrs = []
-    for index in self.frames:
-      inputs = render_lib.frame_inputs(self.val, index, latent)
-      out = render_lib.render_frame(
-          self.render_chunk, params, inputs, self.val.height, self.val.width,
-          self.config.render.chunk, self.mesh)
-      truth = self.val.images[index].astype(np.float32) / 255.0
-      psnrs.append(float(losses.psnr(np.mean((out['rgb'] - truth) ** 2))))
-      if is_main:
-        panel = np.concatenate([
-            render_lib.to_uint8(out['rgb']), self.val.images[index],
-            render_lib.depth_image(out['depth'], self.config.data.near,
-                                   self.config.data.far)], axis=1)
-        name = pathlib.PurePosixPath(self.val.file_paths[index]).name
-        self.previews.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(panel).save(
-            self.previews / f'step_{step:07d}_{name}.png')
-        writer.image(step, f'val/{name}', panel)
-    return {'val_psnr': float(np.mean(psnrs))}
+    code = latents.shared_code(
+        host_params, 'mean' if choice == 'optimize' else choice,
+        self.config.eval.latent_frame, self.config.model.latent_dim)
+    codes = np.tile(code, (self.val.num_frames, 1))
+
+    def preview(index, name, result, prediction, row):
+      del row
+      if not is_main:
+        return
+      panel = np.concatenate([images.upscale(x) for x in (
+          prediction, self.val.images[index],
+          images.depth_image(result['depth'], self.config.data.near,
+                             self.config.data.far))], axis=1)
+      images.save_png(self.previews / f'step_{step:07d}_{name}.png', panel)
+      writer.image(step, f'val/{name}', panel)
+
+    scores = evaluation.score_frames(self.render.with_params(host_params),
+                                     self.val, codes, self.frames, preview)
+    return {'val_psnr': scores['mean']['psnr']}
 
 
 def _host(tree, mode: str):
   return parallel.to_host(parallel.unstack(tree) if mode == 'pmap' else tree)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(tree)]))
+
+
+def _check_resume(workdir: pathlib.Path, config_json: dict[str, Any],
+                  facts: Optional[dict[str, Any]] = None) -> Optional[int]:
+  """Refuses a resume whose config or data differ from the checkpoint's.
+
+  Args:
+    workdir: the training workdir.
+    config_json: the current config as a dict.
+    facts: the current training data's facts; None checks the config only.
+
+  Returns:
+    The step that will be resumed, or None for a fresh run.
+
+  Raises:
+    TrainingError: naming every key that differs.
+  """
+  if not (workdir / checkpoint.SUBDIR).is_dir():
+    return None
+  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      return None
+    saved = config_lib.upgrade(ckpt.restore_config(step))
+    conflicts = config_lib.resume_conflicts(saved, config_json)
+    what = 'config'
+    if not conflicts and facts is not None:
+      conflicts = config_lib.meta_conflicts(ckpt.restore_meta(step), facts)
+      what = 'training data'
+  if conflicts:
+    raise TrainingError(
+        f'{workdir}: the checkpoint at step {step} was trained with another '
+        f'{what} ({"; ".join(conflicts)}). Use another --workdir, or the '
+        'saved settings to resume.')
+  return step
+
+
+def _summary_lines(workdir: pathlib.Path, row: dict[str, Any],
+                   seconds: float, first_step: int) -> list[str]:
+  """What to tell the user when training ends."""
+  lines = [f'Trained steps {first_step + 1}-{row["step"]} in '
+           f'{seconds / 60:.1f} min: train PSNR {row["psnr"]:.2f} dB'
+           + (f', val PSNR {row["val_psnr"]:.2f} dB' if 'val_psnr' in row
+              else '') + '.',
+           f'Checkpoints: {workdir / checkpoint.SUBDIR}; logs: '
+           f'tensorboard --logdir {workdir}',
+           'Next:',
+           f'  python render.py --workdir={workdir} --out={workdir}/test'
+           '            # score the test split',
+           f'  python render.py --workdir={workdir} --out={workdir}/orbit '
+           '--mode=orbit  # novel views']
+  return lines
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh=None) -> dict[str, float]:
   """Trains (resuming from the latest checkpoint) and evaluates on val.
+
+  Nothing is written until the config is valid and, on a resume, the saved
+  config and data facts match the current ones.
 
   Args:
     config: the experiment config.
     workdir: folder for config.json, checkpoints/, TensorBoard events,
       metrics.jsonl and previews/.
+    mesh: the device mesh (default: every device of every process). A run
+      may resume on another mesh and repeats the same steps.
 
   Returns:
     The last logged metrics row.
   """
+  config_lib.validate(config)
   is_main = jax.process_index() == 0
   workdir = pathlib.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
+  if workdir.exists() and not workdir.is_dir():
+    raise TrainingError(f'{workdir}: --workdir exists and is not a folder.')
   config_json = _config_dict(config)
-  if is_main:
-    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
-
-  splits = load_data(config)
-  train = splits['train']
-  meta = data_facts(train)
-  for name, split in splits.items():
+  # The config first: a refused resume costs no data loading.
+  _check_resume(workdir, config_json)
+  exp = experiment.setup(config, mesh)
+  facts = exp.facts
+  resume_step = _check_resume(workdir, config_json, facts)
+  for name, split in exp.splits.items():
     logging.info('%s: %d frames of %dx%d, %d expression values (%s)', name,
                  split.num_frames, split.width, split.height, split.expr_dim,
                  split.path)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_main:
+    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
 
   mode = config.parallel.mode
-  mesh = parallel.make_mesh()
-  model = models.construct_model(config, train.num_frames, train.expr_dim,
-                                 meta)
-  tx = make_optimizer(config)
-  schedule = learning_rate_schedule(config)
+  mesh, model, tx = exp.mesh, exp.model, exp.tx
+  schedule = train_state.learning_rate_schedule(config)
   # Checkpoints hold the replicated global state (the shard_map layout), so
   # runs can resume in either mode and on any number of devices.
-  state = parallel.replicate(
-      create_train_state(config, model, train.expr_dim, tx), mesh)
+  state = exp.initial_state()
   ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state = _restore(ckpt, state, config)
-    logging.info('Resumed from %s at step %d.', ckpt.directory,
-                 ckpt.latest_step())
+  if resume_step is not None:
+    try:
+      state = ckpt.restore(state, resume_step)
+    except (ValueError, KeyError) as e:
+      ckpt.close()
+      raise TrainingError(
+          f'{ckpt.directory}: the checkpoint at step {resume_step} does not '
+          f'fit this model ({e}).') from None
+    logging.info('Resumed from %s at step %d.', ckpt.directory, resume_step)
   start = int(parallel.to_host(state.step))
 
+  train = exp.train
   if mode == 'pmap':
     state = parallel.stack_local(parallel.to_host(state))
     train_data = parallel.stack_local(
-        device_data(train, config.data.bbox_weight))
+        experiment.device_data(train, config.data.bbox_weight))
   else:
     train_data = parallel.replicate(
-        device_data(train, config.data.bbox_weight), mesh)
+        experiment.device_data(train, config.data.bbox_weight), mesh)
   # The devices hold the training frames now; on an accelerator this returns
   # the host copy (4.6 GB for a 5,500-frame 512x512 subject).
-  del train, splits['train']
+  del train, exp.splits['train']
   step_fn = make_train_step(config, model, tx, mesh)
-  evaluator = _Evaluator(config, model, mesh, splits.get('val'), workdir)
+  evaluator = _Evaluator(
+      config, renderer.Renderer.create(model, _host(state.params, mode), mesh,
+                                       config.render.chunk),
+      exp.splits.get('val'), workdir)
 
   writer = summary.EventWriter(workdir) if is_main else None
   metrics_log = summary.MetricsLog(workdir / 'metrics.jsonl')
+  if is_main:
+    # Rows logged after the checkpoint we resume from were lost with the
+    # crash; they are logged again below.
+    metrics_log.drop_after(start)
   progress = summary.Progress(config.train.max_steps)
-  every = lambda n, step: step % n == 0 or step == config.train.max_steps
+  max_seconds = config.train.max_seconds
   last_row: dict[str, float] = {}
-  last_saved = ckpt.latest_step()
+  last_saved = resume_step
   timer_step, timer = start, None
+  trained_seconds = 0.0
   try:
     in_flight = None
     for step in range(start + 1, config.train.max_steps + 1):
@@ -410,9 +385,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         # The first step includes compilation: time from its end.
         jax.block_until_ready(stats)
         timer_step, timer = step, time.perf_counter()
-      log_now = every(config.train.log_every, step)
-      save_now = every(config.train.checkpoint_every, step)
-      eval_now = every(config.train.eval_every, step)
+      out_of_time = bool(max_seconds) and (
+          trained_seconds + time.perf_counter() - timer >= max_seconds)
+      last = step == config.train.max_steps or out_of_time
+      every = lambda n: step % n == 0 or last
+      log_now = every(config.train.log_every)
+      save_now = every(config.train.checkpoint_every)
+      eval_now = every(config.train.eval_every)
       if not (log_now or save_now or eval_now):
         continue
       stats = {k: float(v) for k, v in _host(stats, mode).items()}
@@ -421,8 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'The loss became {stats["loss"]} at step {step}. Nothing after '
             f'the last good checkpoint was saved (step {last_saved} in '
             f'{ckpt.directory}). Try a lower --config.train.lr.')
-      steps_per_sec = (step - timer_step) / max(
-          time.perf_counter() - timer, 1e-9)
+      elapsed = time.perf_counter() - timer
+      trained_seconds += elapsed
+      steps_per_sec = (step - timer_step) / max(elapsed, 1e-9)
       # The update of step s (1-based) used the rate of schedule(s - 1).
       row = {'step': step, 'lr': float(schedule(step - 1)),
              'rays_per_sec': steps_per_sec * config.train.batch_rays,
@@ -432,8 +412,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             parallel.unstack(state.params) if mode == 'pmap' else
             state.params, step, writer, is_main))
       if save_now:
-        ckpt.save(step, parallel.replicate(_host(state, mode), mesh)
-                  if mode == 'pmap' else state, config_json, meta)
+        saved_state = (parallel.replicate(_host(state, mode), mesh)
+                       if mode == 'pmap' else state)
+        # The loss above was computed before this step's update: the
+        # updated state itself must be finite to become a checkpoint.
+        if not bool(_all_finite((saved_state.params, saved_state.opt_state))):
+          raise TrainingError(
+              f'The parameters became non-finite at step {step}; it was not '
+              f'saved. The last good checkpoint is step {last_saved} in '
+              f'{ckpt.directory}. Try a lower --config.train.lr.')
+        ckpt.save(step, saved_state, config_json, facts)
         last_saved = step
       if is_main:
         metrics_log.write(row)
@@ -444,19 +432,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       last_row = row
       # Evaluation and saving are not training time.
       timer_step, timer = step, time.perf_counter()
+      if out_of_time:
+        logging.info('train.max_seconds = %s reached at step %d.',
+                     max_seconds, step)
+        break
   finally:
     progress.close()
     ckpt.close()
     if writer is not None:
       writer.close()
+  if is_main and last_row:
+    print('\n'.join(_summary_lines(workdir, last_row, trained_seconds,
+                                   start)), flush=True)
   return last_row
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
-  """`train.py`'s body: clear one-line errors for bad data or divergence."""
+  """`train.py`'s body: clear one-line errors for bad config, data or
+  divergence."""
   try:
     return train_and_evaluate(config, workdir)
-  except (data.DatasetError, TrainingError) as e:
+  except (config_lib.ConfigError, data.DatasetError, errors.UserError) as e:
     logging.error('%s', e)
     sys.exit(f'Error: {e}')
-

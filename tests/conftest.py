@@ -22,3 +22,44 @@ _CACHE = os.environ.get('NERFACE_JAX_TEST_JIT_CACHE',
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(cache_dir=None, **overrides):
+  """The `tiny` preset with `section.key=value` overrides."""
+  from nerface_jax import presets  # pylint: disable=g-import-not-at-top
+  config = presets.get_config('tiny')
+  if cache_dir is not None:
+    config.data.cache_dir = str(cache_dir)
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+# A small avatar of the built-in person, trained enough to have a face.
+AVATAR_OVERRIDES = {
+    'data.synthetic_size': 24, 'data.synthetic_frames': 40,
+    'train.max_steps': 400, 'train.lr': 5e-3, 'train.lr_decay_steps': 400,
+    'train.batch_rays': 512, 'train.log_every': 100,
+    'train.eval_every': 400, 'train.checkpoint_every': 400,
+    'model.trunk_width': 64, 'model.xyz_freqs': 6, 'model.color_width': 16,
+    'render.num_coarse': 16, 'render.num_fine': 16}
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory):
+  """The workdir of a trained avatar (shared by the rendering tests)."""
+  from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('avatar')
+  config = tiny_config(root / 'cache', **AVATAR_OVERRIDES)
+  train_lib.train_and_evaluate(config, str(root / 'work'))
+  return root / 'work'
+
+
+@pytest.fixture(scope='session')
+def trained_avatar(trained_workdir):
+  from nerface_jax import avatar  # pylint: disable=g-import-not-at-top
+  return avatar.load(trained_workdir)
