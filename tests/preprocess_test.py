@@ -10,9 +10,12 @@ and landmark pixels are mapped into the crop here, by hand.
 """
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import chex
@@ -30,6 +33,7 @@ from nerface_jax import data  # pylint: disable=g-import-not-at-top
 from nerface_jax import preprocess  # pylint: disable=g-import-not-at-top
 from nerface_jax.preprocess import tracking  # pylint: disable=g-import-not-at-top
 from nerface_jax.preprocess import video  # pylint: disable=g-import-not-at-top
+from nerface_jax.preprocess import writer  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
@@ -254,8 +258,9 @@ def test_debug_overlays_and_report(dataset):
   assert len(overlays) == 2
   assert (dataset / 'debug' / 'background.png').is_file()
   assert report['frames_decoded'] == FRAMES
-  assert report['frames_per_second'] > 0
-  assert set(report['timings_s']) >= {'track', 'write', 'background', 'total'}
+  assert report['timings']['frames_per_second'] > 0
+  assert set(report['timings']) >= {'track_s', 'write_s', 'background_s',
+                                    'total_s'}
 
 
 def test_same_dataset_is_kept_different_one_is_refused(dataset):
@@ -355,12 +360,212 @@ def test_missing_and_corrupt_models_say_where_to_download(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_command_line_reports_errors_in_one_line(tmp_path):
-  result = subprocess.run(
-      [sys.executable, str(REPO / 'preprocess.py'),
-       f'--video={tmp_path / "none.mp4"}', f'--out={tmp_path / "out"}',
-       f'--tracker_model={MODEL}'],
-      capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
-  assert result.returncode == 1
-  assert result.stderr.strip() == (
-      f'preprocess.py: error: {tmp_path / "none.mp4"}: video not found.')
+def _dead_pid() -> int:
+  """The pid of a process that has exited and been reaped."""
+  process = subprocess.Popen([sys.executable, '-c', 'pass'])
+  process.wait()
+  return process.pid
+
+
+def test_stale_partial_folders_are_removed_live_ones_kept(tmp_path):
+  out = tmp_path / 'me'
+  host = writer.partial_path(out).name.rsplit('-', 1)[0].split(
+      '.partial-', 1)[1]
+  dead = _dead_pid()
+  sleeper = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(60)'])
+  try:
+    stale = [writer.partial_path(out, dead),
+             tmp_path / f'.me.partial-{dead}']  # Name of older versions.
+    kept = [writer.partial_path(out, os.getpid()),  # This process's own.
+            writer.partial_path(out, sleeper.pid),  # Another live run.
+            tmp_path / f'.me.partial-other-host-{dead}',  # Not checkable.
+            tmp_path / f'.mine.partial-{host}-{dead}',  # Another output.
+            tmp_path / f'.me.partial-{host}-x{dead}']  # Not our name.
+    for folder in stale + kept:
+      (folder / 'train').mkdir(parents=True)
+      (folder / 'train' / 'f_0000.png').write_bytes(b'half')
+    lines = []
+    removed = writer.remove_stale_partials(out, lines.append)
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  assert sorted(removed) == sorted(stale)
+  assert [f for f in stale + kept if f.exists()] == kept
+  assert sorted(lines) == sorted(
+      [f'removed {f}, left by an interrupted run (process {dead} is gone).'
+       for f in stale] +
+      [f'leaving {kept[1]}: process {sleeper.pid} is still running (another '
+       'run writing the same output?).'])
+  assert writer.remove_stale_partials(tmp_path / 'absent' / 'me') == []
+
+
+def test_stale_partial_folder_removal_is_said_on_stderr(tmp_path):
+  out = tmp_path / 'busy'
+  out.mkdir()
+  (out / 'notes.txt').write_text('mine')
+  stale = writer.partial_path(out, _dead_pid())
+  live = writer.partial_path(out, os.getpid())  # The test, alive.
+  stale.mkdir()
+  live.mkdir()
+  result = _command_line(f'--video={CLIP}', f'--out={out}',
+                         f'--tracker_model={MODEL}')
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 3, result.stderr
+  assert set(lines[:2]) == {
+      f'preprocess: removed {stale}, left by an interrupted run (process '
+      f'{stale.name.rsplit("-", 1)[1]} is gone).',
+      f'preprocess: leaving {live}: process {os.getpid()} is still running '
+      '(another run writing the same output?).'}
+  assert lines[2].startswith('preprocess.py: error: ')
+  assert 'already holds other files' in lines[2]
+  assert not stale.exists() and live.is_dir()
+  assert (out / 'notes.txt').read_text() == 'mine'
+
+
+def _command_line(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / 'preprocess.py'), *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=120,
+                        check=False)
+
+
+# (flags after --video/--out, the error line's start after the prefix).
+# Bad values come with a video that does not exist: they are refused before
+# the video is opened.
+_BAD_VALUES = [
+    (['--size=0'], '--size must be at least 8, got 0.'),
+    (['--size=-64'], '--size must be at least 8, got -64.'),
+    (['--max_frames=0'], '--max_frames must be positive, got 0.'),
+    (['--max_frames=-3'], '--max_frames must be positive, got -3.'),
+    (['--test_fraction=1'], '--test_fraction must be in (0, 1), got 1.0.'),
+    (['--test_fraction=-0.1'], '--test_fraction must be in (0, 1)'),
+    (['--test_fraction=nan'], '--test_fraction must be in (0, 1), got nan.'),
+    (['--val_fraction=1.5'], '--val_fraction must be in (0, 1), got 1.5.'),
+    (['--val_fraction=0'], '--val_fraction must be in (0, 1), got 0.0.'),
+    (['--smooth=inf'], '--smooth must be a finite number >= 0, got inf.'),
+    (['--crop_margin=-1'], '--crop_margin must be a finite number >= 0'),
+    (['--seed=-1'], '--seed must be >= 0, got -1.'),
+    (['--background=chroma'], '--background=chroma: unknown mode'),
+    (['--background=color:0,300,0'], '--background=color:0,300,0: expected'),
+    (['--background=file:/nowhere/empty.png'],
+     '/nowhere/empty.png: background photo not found'),
+    (['--size=abc'], 'flag --size=abc: invalid literal for int()'),
+    (['--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
+    (['stray'], 'unexpected arguments: stray;'),
+]
+
+
+@pytest.mark.parametrize('args, message', _BAD_VALUES,
+                         ids=[' '.join(a) for a, _ in _BAD_VALUES])
+def test_command_line_refuses_bad_values_in_one_line(tmp_path, args,
+                                                     message):
+  result = _command_line(f'--video={tmp_path / "none.mp4"}',
+                         f'--out={tmp_path / "out"}',
+                         f'--tracker_model={MODEL}', *args)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith(f'preprocess.py: error: {message}'), (
+      result.stderr)
+  assert len(result.stderr.splitlines()) == 1, result.stderr
+  assert result.stdout == ''
+  assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _no_face_folder(tmp_path: pathlib.Path) -> str:
+  folder = tmp_path / 'empty_room'
+  folder.mkdir()
+  for index in range(4):
+    Image.fromarray(np.full((96, 128, 3), 40 * index, np.uint8)).save(
+        folder / f'{index:03d}.png')
+  return str(folder)
+
+
+def _busy_folder(tmp_path: pathlib.Path) -> str:
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'notes.txt').write_text('mine')
+  return str(CLIP)
+
+
+def _garbage_video(tmp_path: pathlib.Path) -> str:
+  (tmp_path / 'clip.mp4').write_bytes(b'\x00garbage' * 100)
+  return str(tmp_path / 'clip.mp4')
+
+
+def _plain_file(tmp_path: pathlib.Path) -> str:
+  (tmp_path / 'notes.txt').write_text('mine')
+  return str(CLIP)
+
+
+def _wrong_size_photo(tmp_path: pathlib.Path) -> str:
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'bg.png')
+  return str(CLIP)
+
+
+# (makes the input and returns the video, extra flags, the error's text).
+_BAD_INPUTS = {
+    'missing video': (lambda t: str(t / 'none.mp4'), [],
+                      '{t}/none.mp4: video not found.'),
+    'not a video': (_garbage_video, [], '{t}/clip.mp4: cannot open as a video'),
+    'no face': (_no_face_folder, [],
+                '{t}/empty_room: no frame has a usable face'),
+    'output holds other files': (
+        _busy_folder, [], '{t}/out: the output folder already holds other '
+        'files'),
+    'background photo of another size': (
+        _wrong_size_photo, ['--background=file:{t}/bg.png'],
+        '{t}/bg.png: background photo is 8x8 pixels but the video frames '
+        'are 512x512'),
+    'output under a file': (
+        _plain_file, ['--out={t}/notes.txt/out'],
+        '{t}/notes.txt/out: cannot be created, {t}/notes.txt is a file'),
+    'missing tracker model': (
+        lambda t: str(CLIP), ['--tracker_model={t}/none.task'],
+        '{t}/none.task: face tracker model not found.'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_BAD_INPUTS))
+def test_command_line_reports_bad_input_in_one_line(tmp_path, case):
+  make, extra, message = _BAD_INPUTS[case]
+  video_arg = make(tmp_path)
+  before = sorted(p.name for p in tmp_path.iterdir())
+  extra = [e.format(t=tmp_path) for e in extra]
+  defaults = {'--tracker_model': str(MODEL), '--out': str(tmp_path / 'out')}
+  extra += [f'{flag}={value}' for flag, value in defaults.items()
+            if not any(e.startswith(flag + '=') for e in extra)]
+  result = _command_line(f'--video={video_arg}', f'--max_frames={FRAMES}',
+                         f'--size={SIZE}', *extra)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.splitlines()
+  # The error is the last line; before it only progress lines.
+  assert lines[-1].startswith(
+      'preprocess.py: error: ' + message.format(t=tmp_path)), result.stderr
+  assert all(line.startswith('preprocess: ') for line in lines[:-1]), (
+      result.stderr)
+  assert 'Traceback' not in result.stderr
+  # Nothing written, not even a staging folder.
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_command_line_interrupted_says_so_and_leaves_nothing(tmp_path):
+  out = tmp_path / 'out'
+  process = subprocess.Popen(
+      [sys.executable, str(REPO / 'preprocess.py'), f'--video={CLIP}',
+       f'--out={out}', f'--tracker_model={MODEL}', f'--size={SIZE}',
+       f'--max_frames={FRAMES}'], cwd=REPO, stderr=subprocess.PIPE,
+      stdout=subprocess.DEVNULL, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while (not list(tmp_path.glob('.out.partial-*'))
+           and process.poll() is None):
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # Ctrl-C while writing.
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 130, stderr
+  assert stderr.splitlines()[-1] == (
+      'preprocess.py: error: interrupted; nothing was written to --out.')
+  assert 'Traceback' not in stderr
+  assert list(tmp_path.iterdir()) == []

@@ -54,23 +54,52 @@ _DEBUG_FRAMES = flags.DEFINE_integer(
 flags.mark_flags_as_required(['video', 'out'])
 
 
+# Exit status of a user error (bad flag, unusable input, busy output), as
+# for a usage error of most command-line tools.
+USER_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it.
+
+
+def _fail(message: str, status: int = USER_ERROR):
+  """Ends the program with `message` as one line on stderr."""
+  print(f'preprocess.py: error: {" ".join(str(message).split())}',
+        file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors shortened to one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e} (--helpshort lists the flags).')
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  options = preprocess.Options(
-      size=_SIZE.value, tracker_model=_TRACKER_MODEL.value,
-      test_fraction=_TEST_FRACTION.value, val_fraction=_VAL_FRACTION.value,
-      max_frames=_MAX_FRAMES.value, background=_BACKGROUND.value,
-      smooth=_SMOOTH.value, crop_margin=_CROP_MARGIN.value, seed=_SEED.value,
-      debug_frames=_DEBUG_FRAMES.value)
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
+          '--flag=value (--helpshort lists them).')
   try:
+    options = preprocess.Options(
+        size=_SIZE.value, tracker_model=_TRACKER_MODEL.value,
+        test_fraction=_TEST_FRACTION.value, val_fraction=_VAL_FRACTION.value,
+        max_frames=_MAX_FRAMES.value, background=_BACKGROUND.value,
+        smooth=_SMOOTH.value, crop_margin=_CROP_MARGIN.value,
+        seed=_SEED.value, debug_frames=_DEBUG_FRAMES.value)
+    # Bad values are refused before the video is even opened.
+    options.validate()
     preprocess.preprocess(_VIDEO.value, _OUT.value, options)
   except preprocess.PreprocessError as e:
     # Bad input is the user's to fix: one clear line, no traceback.
-    print(f'preprocess.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
+  except OSError as e:
+    # The filesystem refused (permissions, a full disk): the message names
+    # the path, which is what there is to fix.
+    _fail(str(e))
+  except KeyboardInterrupt:
+    _fail('interrupted; nothing was written to --out.', INTERRUPTED)
 
 
 def run():
   """The console-script entry point (`nerface-preprocess`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

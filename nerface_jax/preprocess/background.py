@@ -49,6 +49,11 @@ MIN_VISIBLE_FRACTION = 0.2
 GRABCUT_SIZE = 128
 GRABCUT_ITERATIONS = 4
 DILATION = 0.04
+# GrabCut starts its colour models with k-means++ drawn from OpenCV's RNG,
+# which is per thread and advances with every call: unseeded, a frame's mask
+# depends on which pool thread ran it and what that thread ran before, and
+# the background changes from run to run. Every call reseeds with this.
+GRABCUT_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +174,9 @@ def refine_mask(image: np.ndarray, pixels: np.ndarray,
     bool [size, size] True on the person: the GrabCut foreground (started
     from `person_mask`, kept within `person_mask(grow=2)`), dilated, plus
     the face hull. The prior itself when GrabCut has too little background
-    to learn from.
+    to learn from. A function of the arguments alone: the same on any
+    thread and in any order of calls (the calling thread's OpenCV RNG is
+    reseeded with `GRABCUT_SEED`).
   """
   work = image.shape[0]
   prior = person_mask(pixels, work)
@@ -179,6 +186,8 @@ def refine_mask(image: np.ndarray, pixels: np.ndarray,
   # With almost no pixels to call background the colour model is noise.
   if (labels == cv2.GC_PR_BGD).sum() >= 0.02 * work * work:
     try:
+      # Per thread in OpenCV: seeds the RNG that this call's k-means uses.
+      cv2.setRNGSeed(GRABCUT_SEED)
       cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), labels, None,
                   np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERATIONS,
                   cv2.GC_INIT_WITH_MASK)
@@ -319,6 +328,33 @@ def estimate(frames: np.ndarray, masks: Optional[np.ndarray], spec: Spec
   return inpaint(image, hole), hole
 
 
+def load_photo(path: pathlib.Path, height: int, width: int) -> np.ndarray:
+  """The empty-scene photo at full size, checked against the video's frames.
+
+  Args:
+    path: the photo.
+    height: int video frame height (the photo must match).
+    width: int video frame width.
+
+  Returns:
+    uint8 [height, width, 3] RGB.
+
+  Raises:
+    PreprocessError: unreadable, or not the size of the video's frames.
+  """
+  try:
+    image = video.read_image(path)
+  except errors.PreprocessError:
+    raise errors.PreprocessError(
+        f'{path}: the background photo is not a readable image.') from None
+  if image.shape[:2] != (height, width):
+    raise errors.PreprocessError(
+        f'{path}: background photo is {image.shape[1]}x{image.shape[0]} '
+        f'pixels but the video frames are {width}x{height}; take it with the '
+        'same camera and framing.')
+  return image
+
+
 def from_photo(path: pathlib.Path, height: int, width: int,
                crop: tuple[int, int, int], size: int) -> np.ndarray:
   """The empty-scene photo, cropped and resized like the frames.
@@ -336,11 +372,5 @@ def from_photo(path: pathlib.Path, height: int, width: int,
   Raises:
     PreprocessError: unreadable, or not the size of the video's frames.
   """
-  image = video.read_image(path)
-  if image.shape[:2] != (height, width):
-    raise errors.PreprocessError(
-        f'{path}: background photo is {image.shape[1]}x{image.shape[0]} '
-        f'pixels but the video frames are {width}x{height}; take it with the '
-        'same camera and framing.')
-  return video.crop_and_resize(image, crop, size)
+  return video.crop_and_resize(load_photo(path, height, width), crop, size)
 

@@ -5,6 +5,12 @@ pixels: the first tracks every frame, which fixes the one square crop of the
 whole video; the second crops, resizes and writes the kept frames and keeps
 an evenly spread sample of them for the background estimate and the debug
 overlays.
+
+The same input and options give byte-identical output folders: every random
+choice is seeded (the val draw with `Options.seed`, GrabCut's colour models
+per call), results of the worker threads are placed by frame position, never
+by completion order, and the only run-dependent values, the timings, sit in
+one block of the report, `timings`.
 """
 
 import collections
@@ -12,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import sys
@@ -21,7 +28,6 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from nerface_jax import camera
 from nerface_jax.preprocess import background as background_lib
 from nerface_jax.preprocess import debug
 from nerface_jax.preprocess import errors
@@ -72,6 +78,7 @@ class Options:
 
   def validate(self):
     """Raises PreprocessError naming the first invalid option."""
+    # Comparisons are False for NaN, and math.isfinite refuses infinity.
     checks = [
         (self.size >= 8, f'--size must be at least 8, got {self.size}.'),
         (0.0 < self.test_fraction < 1.0,
@@ -80,9 +87,12 @@ class Options:
          f'--val_fraction must be in (0, 1), got {self.val_fraction}.'),
         (self.max_frames is None or self.max_frames >= 1,
          f'--max_frames must be positive, got {self.max_frames}.'),
-        (self.smooth >= 0.0, f'--smooth must be >= 0, got {self.smooth}.'),
-        (self.crop_margin >= 0.0,
-         f'--crop_margin must be >= 0, got {self.crop_margin}.'),
+        (self.smooth >= 0.0 and math.isfinite(self.smooth),
+         f'--smooth must be a finite number >= 0, got {self.smooth}.'),
+        (self.crop_margin >= 0.0 and math.isfinite(self.crop_margin),
+         f'--crop_margin must be a finite number >= 0, got '
+         f'{self.crop_margin}.'),
+        (self.seed >= 0, f'--seed must be >= 0, got {self.seed}.'),
         (self.debug_frames >= 0,
          f'--debug_frames must be >= 0, got {self.debug_frames}.'),
     ]
@@ -158,8 +168,13 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
     options: see `Options`.
     log: called with progress lines (default: print to stderr).
 
+  Staging folders of `out` left by killed runs on this host are removed
+  first (`writer.remove_stale_partials`), and said so through `log`.
+
   Returns:
-    The report (also written to `out/preprocess_report.json`).
+    The report (also written to `out/preprocess_report.json`). Running the
+    same command again writes the same bytes into every file but the
+    report's `timings` block.
 
   Raises:
     PreprocessError: unreadable or empty video, missing or corrupt tracker
@@ -176,8 +191,12 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
   out = pathlib.Path(out).expanduser()
   source = video_lib.open_video(video)
   model_path = tracking.check_model(options.tracker_model)
+  # A photo of the wrong size is refused before the long passes.
+  photo = (background_lib.load_photo(spec.path, source.height, source.width)
+           if spec.mode == 'file' else None)
   fingerprint = _fingerprint(source.fingerprint(), _sha256(model_path),
                              options)
+  writer.remove_stale_partials(out, log)
   existing = writer.check_output(out, fingerprint, str(source.path))
   if existing is not None:
     log(f'{out} already holds this dataset; nothing to do.')
@@ -240,6 +259,8 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
     time_write = time.time()
     for split in writer.SPLITS:
       (tmp / split).mkdir()
+    # Keyed by position k: what the threads return is placed by frame, not
+    # by the order in which they finish.
     bg_frames = {}
     position_of = {int(f): k for k, f in enumerate(kept)}
     writes, masks, debug_images = collections.deque(), {}, {}
@@ -282,7 +303,7 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
 
     time_bg = time.time()
     if spec.mode == 'file':
-      bg = background_lib.from_photo(spec.path, height, width, crop, size)
+      bg = video_lib.crop_and_resize(photo, crop, size)
       filled = np.zeros((size, size), bool)
     elif not spec.needs_frames:
       bg = np.broadcast_to(np.array(spec.color, np.uint8), (size, size, 3))
@@ -346,17 +367,19 @@ def preprocess(video: str | pathlib.Path, out: str | pathlib.Path,
                        'filled_fraction': float(filled.mean())},
         'options': dataclasses.asdict(options),
         'tracker_model': str(model_path),
-        'timings_s': {'track': round(time_track, 3),
-                      'write': round(time_write, 3),
-                      'background': round(time_bg, 3),
-                      'debug': round(time_debug, 3),
-                      'total': round(total, 3)},
-        'frames_per_second': round(tracks.num_frames / total, 2),
+        # The one block that differs between runs of the same command.
+        'timings': {'track_s': round(time_track, 3),
+                    'write_s': round(time_write, 3),
+                    'background_s': round(time_bg, 3),
+                    'debug_s': round(time_debug, 3),
+                    'total_s': round(total, 3),
+                    'frames_per_second': round(tracks.num_frames / total, 2)},
     }
     writer.write_json(tmp / writer.REPORT_FILE, report)
   log(f'wrote {out}: {kept.size} frames (train {positions["train"].size}, '
       f'val {positions["val"].size}, test {positions["test"].size}), '
-      f'{len(skipped)} skipped, {report["frames_per_second"]:.1f} frames/s')
+      f'{len(skipped)} skipped, '
+      f'{report["timings"]["frames_per_second"]:.1f} frames/s')
   return report
 
 
@@ -368,6 +391,9 @@ def _write_debug(folder: pathlib.Path,
                  crop: tuple[int, int, int], height: int, width: int,
                  debug_size: int, bg: np.ndarray, filled: np.ndarray):
   """Writes overlays of a few frames, the background and its coverage."""
+  # Here, not at the top: the library's camera brings JAX, a second of
+  # start-up that a command refusing a bad flag should not pay.
+  from nerface_jax import camera  # pylint: disable=g-import-not-at-top
   folder.mkdir()
   vertices, triangles = tracking.canonical_mesh(model_path)
   # The camera of the overlay image: the written one at debug resolution.

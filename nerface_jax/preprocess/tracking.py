@@ -18,10 +18,8 @@ import math
 import os
 import pathlib
 import struct
-import sys
-import tempfile
 import zipfile
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -281,7 +279,7 @@ def track(frames: Iterable[tuple[int, np.ndarray]], model_path: pathlib.Path,
       output_face_blendshapes=True,
       output_facial_transformation_matrixes=True)
   quiet = contextlib.ExitStack()
-  native_log = quiet.enter_context(_native_stderr())
+  native_log = quiet.enter_context(errors.native_stderr())
   try:
     landmarker = vision.FaceLandmarker.create_from_options(options)
   except (RuntimeError, ValueError) as e:
@@ -351,31 +349,3 @@ def track(frames: Iterable[tuple[int, np.ndarray]], model_path: pathlib.Path,
       valid=np.array([r is None for r in reasons]), reasons=reasons,
       reprojection=np.asarray(reproj, np.float64),
       blendshape_names=names, height=height, width=width)
-
-
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[Callable[[], str]]:
-  """Diverts file descriptor 2 into a temporary file while active.
-
-  MediaPipe's native code prints a handful of INFO and WARNING lines when a
-  landmarker is created and on its first frame, straight to the descriptor
-  (no Python logging, no environment switch silences them all). They are
-  kept aside instead, and the yielded function returns them so that a
-  failure can still quote them.
-  """
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-
-    def text() -> str:
-      captured.seek(0)
-      return captured.read().decode(errors='replace')
-
-    try:
-      yield text
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pathlib
 import re
+import sys
 from typing import Iterator, Optional
 
 import cv2
@@ -180,25 +181,40 @@ def open_video(path: os.PathLike[str] | str) -> VideoSource:
     raise errors.PreprocessError(f'{path}: video not found.')
   if path.stat().st_size == 0:
     raise errors.PreprocessError(f'{path}: the video file is empty (0 bytes).')
-  capture = cv2.VideoCapture(str(path))
-  try:
-    if not capture.isOpened():
-      raise errors.PreprocessError(
-          f'{path}: cannot open as a video (not a video file, truncated, or '
-          'a codec FFmpeg cannot decode).')
-    ok, bgr = capture.read()
-    if not ok or bgr is None:
-      raise errors.PreprocessError(
-          f'{path}: the video has no decodable frame (frame 0 cannot be '
-          'read).')
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-  finally:
-    capture.release()
+  # FFmpeg says why it cannot open a file on the descriptor; the reason is
+  # quoted in the error (one line) instead.
+  with errors.native_stderr() as native_log:
+    capture = cv2.VideoCapture(str(path))
+    try:
+      opened = capture.isOpened()
+      ok, bgr = capture.read() if opened else (False, None)
+      fps = capture.get(cv2.CAP_PROP_FPS)
+      count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+      capture.release()
+    native = native_log()
+  reason = _ffmpeg_reason(native)
+  if not opened:
+    raise errors.PreprocessError(
+        f'{path}: cannot open as a video (not a video file, truncated, or '
+        'a codec FFmpeg cannot decode' + (f'; FFmpeg: {reason}' if reason
+                                          else '') + ').')
+  if not ok or bgr is None:
+    raise errors.PreprocessError(
+        f'{path}: the video has no decodable frame (frame 0 cannot be '
+        'read' + (f'; FFmpeg: {reason}' if reason else '') + ').')
+  if native.strip():
+    sys.stderr.write(native)  # Warnings of a file that does open: shown.
   # Some containers report 0 or absurd rates; 25 keeps timestamps sensible.
   fps = fps if np.isfinite(fps) and 1.0 <= fps <= 1000.0 else FOLDER_FPS
   return VideoSource(path=path, height=bgr.shape[0], width=bgr.shape[1],
                      fps=float(fps), frame_count=max(count, 1))
+
+
+def _ffmpeg_reason(text: str) -> str:
+  """FFmpeg's last message without its `[demuxer @ 0x...]` prefix."""
+  return re.sub(r'^\[[^\]]*@ *0x[0-9a-fA-F]+\] *', '',
+                errors.last_line(text))
 
 
 def crop_and_resize(image: np.ndarray, crop: tuple[int, int, int],

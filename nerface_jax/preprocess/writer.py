@@ -1,10 +1,13 @@
 """Writing the dataset folder: splits, transforms json, report, atomicity.
 
-Everything is written into a hidden sibling folder and renamed onto the
-output at the end, so the output folder either does not exist or holds a
-complete dataset, and a failed or interrupted run loses nothing that was
-there before. `preprocess_report.json` records what was made from what; a
-second run with the same input and options finds it and does nothing.
+Everything is written into a hidden sibling folder,
+`.<out>.partial-<host>-<pid>`, and renamed onto the output at the end, so the
+output folder either does not exist or holds a complete dataset, and a failed
+or interrupted run loses nothing that was there before. A run killed outright
+(SIGKILL, power loss) cannot remove its folder; the next run for the same
+output removes it once its process is gone (`remove_stale_partials`).
+`preprocess_report.json` records what was made from what; a second run with
+the same input and options finds it and does nothing.
 """
 
 import contextlib
@@ -12,8 +15,10 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
-from typing import Any, Iterator, Optional
+import socket
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -135,14 +140,17 @@ def check_output(out: pathlib.Path, fingerprint: str,
     to do), else None (absent or empty: write it).
 
   Raises:
-    PreprocessError: `out` is a file, or a folder holding anything else.
+    PreprocessError: `out` is a file, or a folder holding anything else, or
+      cannot be written (checked now, not after the long passes).
   """
   if not out.exists():
+    _check_parent(out)
     return None
   if not out.is_dir():
     raise errors.PreprocessError(
         f'{out}: exists and is not a folder; choose another --out.')
   if not any(out.iterdir()):
+    _check_parent(out)
     return None
   report = read_report(out)
   if report is not None and report.get('fingerprint') == fingerprint:
@@ -159,14 +167,126 @@ def check_output(out: pathlib.Path, fingerprint: str,
       f'with the dataset of {video}. Remove it or choose another --out.')
 
 
+def _host() -> str:
+  """This host's name as it appears in partial folder names."""
+  return re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'localhost'
+
+
+def partial_path(out: pathlib.Path, pid: Optional[int] = None
+                 ) -> pathlib.Path:
+  """The staging folder of `out` for process `pid` (default: this one)."""
+  pid = os.getpid() if pid is None else pid
+  return out.parent / f'.{out.name}.partial-{_host()}-{pid}'
+
+
+def _partial_owner(out: pathlib.Path, path: pathlib.Path
+                   ) -> Optional[tuple[Optional[str], int]]:
+  """(host, pid) of a staging folder of `out`, or None for any other name.
+
+  The host is None for `.<out>.partial-<pid>`, the name of versions that did
+  not record it (taken as this host's).
+  """
+  prefix = f'.{out.name}.partial-'
+  if not path.name.startswith(prefix):
+    return None
+  match = re.fullmatch(r'(?:([A-Za-z0-9._-]+)-)?(\d+)',
+                       path.name[len(prefix):])
+  if match is None:
+    return None
+  return match.group(1), int(match.group(2))
+
+
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host (a zombie counts as alive).
+
+  Where that cannot be told (not POSIX), every process counts as alive.
+  """
+  if pid <= 0:
+    return False
+  if os.name != 'posix':
+    return True  # os.kill(pid, 0) would terminate it on Windows.
+  try:
+    os.kill(pid, 0)  # Signal 0: only checks that the process exists.
+  except ProcessLookupError:
+    return False
+  except OSError:
+    pass  # EPERM: it exists, owned by another user.
+  return True
+
+
+def remove_stale_partials(out: pathlib.Path,
+                          log: Optional[Callable[[str], None]] = None
+                          ) -> list[pathlib.Path]:
+  """Removes staging folders of `out` left by runs that no longer exist.
+
+  A folder is removed when it was made on this host by a process that is
+  not running any more (a run killed before it could clean up). Folders of
+  live processes (another run writing the same output right now), of other
+  hosts (a shared filesystem: their processes cannot be checked from here)
+  and this process's own are left alone.
+
+  Args:
+    out: the output folder.
+    log: told about every folder removed, and about live ones left alone.
+
+  Returns:
+    The folders removed.
+  """
+  log = log or (lambda line: None)
+  try:
+    candidates = sorted(out.parent.iterdir())
+  except OSError:
+    return []  # No parent yet (nothing to clean) or unreadable.
+  removed = []
+  host = _host()
+  for path in candidates:
+    owner = _partial_owner(out, path)
+    if owner is None or path.is_symlink() or not path.is_dir():
+      continue
+    owner_host, pid = owner
+    if (owner_host is not None and owner_host != host) or pid == os.getpid():
+      continue
+    if process_alive(pid):
+      log(f'leaving {path}: process {pid} is still running (another run '
+          'writing the same output?).')
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+      log(f'cannot remove {path}, left by an interrupted run (process {pid} '
+          'is gone); remove it by hand.')
+    else:
+      removed.append(path)
+      log(f'removed {path}, left by an interrupted run (process {pid} is '
+          'gone).')
+  return removed
+
+
+def _check_parent(out: pathlib.Path):
+  """Raises PreprocessError unless `out`'s staging sibling can be made."""
+  folder = out.parent
+  while not folder.exists() and folder != folder.parent:
+    folder = folder.parent
+  if not folder.is_dir():
+    raise errors.PreprocessError(
+        f'{out}: cannot be created, {folder} is a file; choose another '
+        '--out.')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise errors.PreprocessError(
+        f'{out}: cannot be created, no permission to write in {folder}; '
+        'choose another --out.')
+
+
 @contextlib.contextmanager
 def staging(out: pathlib.Path) -> Iterator[pathlib.Path]:
   """A temporary sibling of `out` to write into, renamed onto `out` at exit.
 
   On an exception the temporary folder is removed and `out` is untouched.
+
+  Raises:
+    PreprocessError: `out` was filled by someone else meanwhile.
   """
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f'.{out.name}.partial-{os.getpid()}'
+  tmp = partial_path(out)
   if tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir()
@@ -175,7 +295,14 @@ def staging(out: pathlib.Path) -> Iterator[pathlib.Path]:
     if out.is_dir() and not any(out.iterdir()):
       out.rmdir()
     # Atomic on POSIX; fails (and cleans up) if `out` appeared meanwhile.
-    os.rename(tmp, out)
+    try:
+      os.rename(tmp, out)
+    except OSError as e:
+      if out.exists():
+        raise errors.PreprocessError(
+            f'{out}: appeared while this run was writing (another run with '
+            'the same --out?); not overwriting it.') from e
+      raise
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
