@@ -319,7 +319,7 @@ def run_row(name: str, dataset: str, overrides: dict[str, Any],
 # --- Output --------------------------------------------------------------------
 
 COLUMNS = [('psnr', 2), ('psnr_bbox', 2), ('ssim', 3), ('ssim_bbox', 3),
-           ('l1', 4), ('l1_bbox', 4)]
+           ('l1', 4), ('l1_bbox', 4), ('lpips', 3), ('lpips_bbox', 3)]
 
 
 def flat_row(record: dict[str, Any]) -> dict[str, Any]:

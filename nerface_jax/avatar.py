@@ -9,8 +9,10 @@ training images.
 import dataclasses
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -143,21 +145,20 @@ def load(workdir: os.PathLike[str] | str, step: Optional[int] = None,
     if step is not None and step not in steps:
       raise errors.RenderError(f'{workdir}: no checkpoint at step {step}; '
                                f'available: {steps}.')
-    step = steps[-1] if step is None else step
-    try:
-      config = config_lib.from_saved(ckpt.restore_config(step))
-    except config_lib.ConfigError as e:
-      raise errors.RenderError(
-          f'{workdir}: the config saved with step {step} is not valid: '
-          f'{e}') from None
-    meta = ckpt.restore_meta(step)
-    if not meta:
-      raise errors.RenderError(
-          f'{workdir}: the checkpoint at step {step} has no data facts '
-          '(written by an older version).')
-    model = experiment.construct_model(config, meta)
-    host_params = ckpt.restore_params(
-        train_state.abstract_params(model, meta['expr_dim']), step)
+    candidates = [step] if step is not None else steps[::-1]
+    for n, candidate in enumerate(candidates):
+      try:
+        config, meta, model, host_params = _read(ckpt, workdir, candidate)
+      except errors.RenderError as e:
+        if step is not None or n == len(candidates) - 1:
+          raise
+        # The newest may be damaged (a killed save, a bad disk): say so and
+        # render the newest intact one; nothing is changed on disk.
+        print(f'render: {e} Using checkpoint {candidates[n + 1]} instead.',
+              file=sys.stderr, flush=True)
+        continue
+      step = candidate
+      break
   finally:
     ckpt.close()
   mesh = parallel.make_mesh() if mesh is None else mesh
@@ -166,6 +167,46 @@ def load(workdir: os.PathLike[str] | str, step: Optional[int] = None,
                 renderer=renderer.Renderer.create(model, host_params, mesh,
                                                   config.render.chunk),
                 step=step, workdir=workdir)
+
+
+def _read(ckpt: checkpoint.Checkpoints, workdir: pathlib.Path, step: int):
+  """(config, meta, model, host params) of checkpoint `step`.
+
+  Raises:
+    errors.RenderError: the checkpoint is damaged, or its config is not
+      valid, or it cannot be rebuilt.
+  """
+  reason = ckpt.verify(step)
+  if reason is not None:
+    raise errors.RenderError(f'{workdir}: checkpoint {step} is damaged: '
+                             f'{reason}.')
+  try:
+    config = config_lib.from_saved(ckpt.restore_config(step))
+  except config_lib.ConfigError as e:
+    raise errors.RenderError(
+        f'{workdir}: the config saved with step {step} is not valid: '
+        f'{e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.RenderError(
+        f'{workdir}: checkpoint {step} is damaged: its config cannot be read '
+        f'({checkpoint.unreadable(e)}).') from None
+  meta = ckpt.restore_meta(step)
+  if not meta:
+    raise errors.RenderError(
+        f'{workdir}: the checkpoint at step {step} has no data facts '
+        '(written by an older version).')
+  model = experiment.construct_model(config, meta)
+  try:
+    host_params = ckpt.restore_params(
+        train_state.abstract_params(model, meta['expr_dim']), step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.RenderError(
+        f'{workdir}: checkpoint {step} is damaged: its parameters cannot be '
+        f'read ({checkpoint.unreadable(e)}).') from None
+  if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_params)):
+    raise errors.RenderError(f'{workdir}: checkpoint {step} holds non-finite '
+                             'parameters.')
+  return config, meta, model, host_params
 
 
 def load_dataset(avatar: Avatar, split: str,

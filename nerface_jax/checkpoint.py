@@ -1,15 +1,26 @@
 """Checkpoints of a training run: orbax, in `<workdir>/checkpoints`.
 
-Each checkpoint holds the train state and, beside it, the run's config as
-JSON, so `render.py` can rebuild the model from the checkpoint alone. Orbax
-writes into a temporary folder and renames it when complete, so a process
-killed at any moment (during a save included) leaves the previous complete
-checkpoint loadable; stale temporary folders are cleaned up on the next start.
-Every process of a multi-host job must call `save` (orbax coordinates them).
+Each checkpoint holds the train state and, beside it, the run's config and
+the facts of its training data as JSON, so `render.py` can rebuild the model
+from the checkpoint alone. Orbax writes into a temporary folder and renames
+it when complete, so a process killed at any moment (during a save included)
+leaves the previous checkpoint loadable.
+
+Checkpoints defend themselves: once a save is complete, the SHA-256 of each
+of its files is recorded in `<step>/MANIFEST`, and `verify` checks them
+before anything is restored, so a truncated file or a flipped byte is found
+before it becomes garbage parameters. Old checkpoints are deleted only after
+a newer one has been written and verified; a damaged one is never deleted,
+only moved aside (`set_aside`) into `checkpoints/<reason>/<step>` so that
+orbax no longer sees it. Every process of a multi-host job must call `save`
+(orbax coordinates them); only process 0 writes the manifest.
 """
 
+import hashlib
+import json
 import os
 import pathlib
+import time
 from typing import Any, Optional
 
 import jax
@@ -17,50 +28,63 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
+MANIFEST = 'MANIFEST'
 
 
-def _keep_policy(keep: int):
-  # Newer orbax replaces max_to_keep by preservation policies.
-  managers = getattr(ocp, 'checkpoint_managers', None)
-  if managers is not None and hasattr(managers, 'LatestN'):
-    return {'preservation_policy': managers.LatestN(keep)}
-  return {'max_to_keep': keep}
+def _digest(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in folder.rglob('*')
+                if p.is_file() and p.name != MANIFEST)
 
 
 class Checkpoints:
-  """Saves and restores train states (and the config) of one workdir."""
+  """Saves, verifies and restores train states (and the config) of a workdir."""
 
   def __init__(self, workdir: os.PathLike[str] | str, keep: int = 3,
-               async_save: bool = True, read_only: bool = False):
+               read_only: bool = False):
     """Opens (and creates unless read_only) `<workdir>/checkpoints`.
 
     Args:
       workdir: the training workdir.
-      keep: number of most recent checkpoints kept on disk.
-      async_save: write in a background thread while training goes on.
+      keep: number of most recent verified checkpoints kept on disk.
       read_only: open for restoring only (rendering).
     """
     self.directory = pathlib.Path(workdir).expanduser().absolute() / SUBDIR
+    self.keep = keep
+    self.read_only = read_only
+    # Saves are synchronous: a checkpoint is verified (manifest) before an
+    # older one may go, and the cost is small next to the steps between saves.
+    # Rotation is ours, so orbax keeps everything.
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=async_save,
-        **_keep_policy(keep))
+        enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=('state', 'config', 'meta'))
 
   def latest_step(self) -> Optional[int]:
-    """The step of the newest complete checkpoint, or None."""
+    """The step of the newest complete checkpoint (not verified), or None."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints, oldest first (not verified)."""
     return sorted(self._manager.all_steps())
 
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
   def save(self, step: int, state: Any, config: dict[str, Any],
-           meta: Optional[dict[str, Any]] = None) -> bool:
-    """Starts saving `state` at `step` (returns at once when asynchronous).
+           meta: Optional[dict[str, Any]] = None):
+    """Saves `state` at `step`, records its manifest, then rotates.
 
     Args:
       step: the training step the state belongs to.
@@ -69,15 +93,79 @@ class Checkpoints:
       meta: facts about the data the state was trained on (JSON-serialisable),
         e.g. frame count and expression length, so that the model can be
         rebuilt without reading the training images.
-
-    Returns:
-      Whether a save was started.
     """
-    return self._manager.save(
+    self._manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config),
             meta=ocp.args.JsonSave(meta or {})), force=True)
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      self._write_manifest(step)
+      self._rotate(step)
+    self._manager.reload()
+
+  def _write_manifest(self, step: int):
+    folder = self.step_dir(step)
+    manifest = {str(p.relative_to(folder)): _digest(p) for p in _files(folder)}
+    temporary = folder / f'.{MANIFEST}.tmp'
+    with open(temporary, 'w') as f:
+      json.dump({'step': step, 'sha256': manifest}, f, indent=1,
+                sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, folder / MANIFEST)
+
+  def _rotate(self, newest: int):
+    """Deletes the oldest checkpoints beyond `keep`, never one that is newer
+    than the newest verified one (`newest`, just written)."""
+    if self.verify(newest) is not None:
+      return
+    older = [s for s in self.all_steps() if s < newest]
+    for step in older[:max(0, len(older) - (self.keep - 1))]:
+      self._manager.delete(step)
+
+  def verify(self, step: int) -> Optional[str]:
+    """Why the checkpoint at `step` cannot be trusted, or None when intact.
+
+    A checkpoint without a manifest (written by an older version, or by a
+    process killed between the save and its manifest) counts as intact when
+    its three items exist: restoring it is the remaining test.
+    """
+    folder = self.step_dir(step)
+    if not folder.is_dir():
+      return f'{folder} does not exist'
+    for item in ('state', 'config', 'meta'):
+      if not (folder / item).exists():
+        return f'{folder / item} is missing'
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+      return None
+    try:
+      recorded = json.loads(manifest_path.read_text())['sha256']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      return f'{manifest_path} is unreadable ({e})'
+    for name, digest in sorted(recorded.items()):
+      path = folder / name
+      if not path.is_file():
+        return f'{path} is missing'
+      if _digest(path) != digest:
+        return (f'{path} does not match its checksum (changed or damaged '
+                'after it was written)')
+    return None
+
+  def set_aside(self, step: int, reason: str = 'damaged') -> pathlib.Path:
+    """Moves checkpoint `step` to `checkpoints/<reason>/<step>[-n]`, where
+    orbax no longer sees it; nothing is deleted. Returns the new path."""
+    target = self.directory / reason / str(step)
+    n = 1
+    while target.exists():
+      target = self.directory / reason / f'{step}-{n}'
+      n += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(self.step_dir(step), target)
+    self._manager.reload()
+    return target
 
   def restore(self, target: Any, step: Optional[int] = None) -> Any:
     """Restores the state at `step` (default: latest) into `target`'s structure.
@@ -122,7 +210,7 @@ class Checkpoints:
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(
-          self.directory / str(step) / 'state',
+          self.step_dir(step) / 'state',
           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                       partial_restore=True))
     return restored['params']
@@ -152,15 +240,13 @@ class Checkpoints:
       return {}
 
   def _restore_json(self, item: str, step: Optional[int]) -> dict[str, Any]:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'{self.directory}: no checkpoint.')
+    step = self._existing_step(step)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     return restored[item]
 
   def wait(self):
-    """Blocks until pending asynchronous saves are complete."""
+    """Blocks until pending saves are complete."""
     self._manager.wait_until_finished()
 
   def close(self):
@@ -172,3 +258,21 @@ class Checkpoints:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def unreadable(error: BaseException) -> str:
+  """A one-line reason from a failed restore (orbax and TensorStore errors
+  can span pages)."""
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200] if text else ""}'.rstrip(
+      ': ')
+
+
+def age(path: pathlib.Path) -> str:
+  """How long ago `path` was modified, e.g. '5 min ago'."""
+  seconds = max(0.0, time.time() - path.stat().st_mtime)
+  if seconds < 120:
+    return f'{seconds:.0f} s ago'
+  if seconds < 7200:
+    return f'{seconds / 60:.0f} min ago'
+  return f'{seconds / 3600:.1f} h ago'

@@ -183,6 +183,16 @@ def _intrinsics(meta: dict[str, Any], json_path: pathlib.Path,
   if intrinsics[0] == 0 or intrinsics[1] == 0:
     raise DatasetError(f'{json_path}: focal lengths must be non-zero, got '
                        f'fx={intrinsics[0]}, fy={intrinsics[1]}.')
+  if min(abs(intrinsics[0]), abs(intrinsics[1])) < 1.0:
+    raise DatasetError(
+        f'{json_path}: "intrinsics" fx={intrinsics[0]}, fy={intrinsics[1]} '
+        'are below one pixel; expected focal lengths in pixels (a focal '
+        'length in units of the image width must be multiplied by it).')
+  if not (0.0 <= intrinsics[2] <= 1.0 and 0.0 <= intrinsics[3] <= 1.0):
+    raise DatasetError(
+        f'{json_path}: "intrinsics" cx={intrinsics[2]}, cy={intrinsics[3]} '
+        'are outside [0, 1]; expected the principal point as fractions of '
+        'the width and height (pixels divided by W and H).')
   return intrinsics
 
 
@@ -206,6 +216,20 @@ def _check_frame(frame: Any, index: int, json_path: pathlib.Path,
         f'{where}: the rotation of "transform_matrix" is not orthonormal '
         f'(max |R^T R - I| = {error:.3g} > {ORTHONORMAL_TOL}); expected a '
         'rigid camera-to-world matrix.')
+  if not np.allclose(c2w[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
+    hint = (' (it looks transposed: the translation is in the last row, as '
+            'a column-major export writes it)'
+            if np.allclose(c2w[:3, 3], 0.0) and np.abs(c2w[3, :3]).max() > 0
+            else '')
+    raise DatasetError(
+        f'{where}: the last row of "transform_matrix" is {c2w[3].tolist()}, '
+        f'expected [0, 0, 0, 1]{hint}.')
+  determinant = float(np.linalg.det(rotation))
+  if determinant < 0:
+    raise DatasetError(
+        f'{where}: the rotation of "transform_matrix" is a reflection '
+        f'(determinant {determinant:.3f}); expected a rotation (determinant '
+        '+1), as an OpenGL camera-to-world matrix has.')
   if 'expression' not in frame:
     raise DatasetError(f'{where}: missing "expression".')
   expression = np.asarray(frame['expression'], dtype=object)

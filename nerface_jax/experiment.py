@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from nerface_jax import config_lib
 from nerface_jax import data
 from nerface_jax import models
 from nerface_jax import parallel
@@ -131,13 +132,15 @@ class Experiment:
 
 def setup(config: ml_collections.ConfigDict, mesh=None,
           splits: Optional[dict[str, data.Dataset]] = None) -> Experiment:
-  """Loads the data (unless given) and builds model and optimiser.
+  """Checks the config, loads the data (unless given) and builds model and
+  optimiser.
 
   Args:
     config: the experiment config.
     mesh: device mesh (default: all devices).
     splits: already loaded datasets (`load_data`), to skip loading.
   """
+  config_lib.validate(config)
   splits = load_data(config) if splits is None else splits
   facts = data_facts(splits['train'])
   return Experiment(config=config, splits=splits, facts=facts,

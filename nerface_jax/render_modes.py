@@ -133,7 +133,8 @@ def render_split(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
   report.update({'latent': used, **evaluation.score_frames(
       avatar.renderer, dataset, codes, on_frame=write)})
   report['video'] = writer.finish('video').name
-  if choice == 'optimize' and used != latents.TRAINED:
+  if (choice == 'optimize' and used != latents.TRAINED and
+      latents.gamma(avatar.host_params) is not None):
     mean_codes, mean_used = avatar.split_codes(dataset, 'mean', trained)
     report['without_optimize'] = {'latent': mean_used, **evaluation.score_frames(
         avatar.renderer, dataset, mean_codes)}

@@ -979,7 +979,11 @@ def main(argv: Optional[Sequence[str]] = None):
   parser.add_argument('--seed', type=int, default=0, help='seed (default 0)')
   args = parser.parse_args(argv)
   start = time.time()
-  path = write(args.out_dir, args.size, args.frames, args.seed, verbose=True)
+  try:
+    path = write(args.out_dir, args.size, args.frames, args.seed, verbose=True)
+  except (ValueError, OSError) as e:
+    # Bad values and an occupied or unwritable folder are the user's to fix.
+    parser.exit(2, f'{parser.prog}: error: {e}\n')
   print(f'Wrote {path} ({args.frames} frames of {args.size}x{args.size}) in '
         f'{time.time() - start:.1f} s.')
 

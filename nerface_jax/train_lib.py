@@ -8,15 +8,18 @@ a function of (seed, step, device), never of host state, so a resumed run
 repeats an uninterrupted one step for step.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -37,6 +40,7 @@ from nerface_jax import renderer
 from nerface_jax import sampler
 from nerface_jax import summary
 from nerface_jax import train_state
+from nerface_jax import workdir as workdir_lib
 
 TrainingError = errors.TrainingError
 
@@ -224,7 +228,10 @@ class _Evaluator:
 
     scores = evaluation.score_frames(self.render.with_params(host_params),
                                      self.val, codes, self.frames, preview)
-    return {'val_psnr': scores['mean']['psnr']}
+    row = {'val_psnr': scores['mean']['psnr']}
+    if scores['mean'].get('lpips') is not None:
+      row['val_lpips'] = scores['mean']['lpips']
+    return row
 
 
 def _host(tree, mode: str):
@@ -237,39 +244,193 @@ def _all_finite(tree) -> jax.Array:
                               for x in jax.tree.leaves(tree)]))
 
 
-def _check_resume(workdir: pathlib.Path, config_json: dict[str, Any],
-                  facts: Optional[dict[str, Any]] = None) -> Optional[int]:
+# Parameters of a healthy run stay within a few units (Adam moves each by
+# about lr per step); a diverged one (a far too large learning rate) jumps by
+# orders of magnitude in one step, often while its loss is still finite.
+DIVERGED_PARAMETER = 1e6
+
+
+@jax.jit
+def _healthy(params, opt_state) -> jax.Array:
+  """Finite parameters and optimiser state, no parameter beyond
+  DIVERGED_PARAMETER: what may be evaluated and saved."""
+  largest = jnp.max(jnp.asarray([jnp.max(jnp.abs(x))
+                                 for x in jax.tree.leaves(params)]))
+  return _all_finite((params, opt_state)) & (largest < DIVERGED_PARAMETER)
+
+
+@dataclasses.dataclass
+class _Resume:
+  """The checkpoint a run continues from, and what its choice found."""
+  step: Optional[int]
+  saved_config: Optional[dict[str, Any]] = None
+  saved_meta: Optional[dict[str, Any]] = None
+  damaged: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+  superseded: list[int] = dataclasses.field(default_factory=list)
+
+
+def _note(message: str):
+  """A line for the user (stderr), also in the log file."""
+  logging.info('%s', message)
+  print(message, file=sys.stderr, flush=True)
+
+
+def _choose_checkpoint(workdir: pathlib.Path,
+                       step: Optional[int] = None) -> _Resume:
+  """The newest intact checkpoint (or `step`), read-only.
+
+  Newer checkpoints that fail verification or whose config cannot be read
+  are listed as damaged; with `step`, the newer ones as superseded.
+
+  Raises:
+    TrainingError: `step` is not a checkpoint of the workdir, or is damaged.
+  """
+  if not (workdir / checkpoint.SUBDIR).is_dir():
+    if step is not None:
+      raise TrainingError(f'{workdir}: --step={step}, but there are no '
+                          'checkpoints.')
+    return _Resume(step=None)
+  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
+    if step is not None and step not in steps:
+      raise TrainingError(f'{workdir}: --step={step} is not a checkpoint; '
+                          f'available: {steps}.')
+    candidates = sorted([step] if step is not None else steps, reverse=True)
+    resume = _Resume(step=None,
+                     superseded=[s for s in steps if step is not None and
+                                 s > step])
+    for candidate in candidates:
+      reason = ckpt.verify(candidate)
+      if reason is None:
+        try:
+          saved = config_lib.upgrade(ckpt.restore_config(candidate))
+          meta = ckpt.restore_meta(candidate)
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'its config cannot be read ({checkpoint.unreadable(e)})'
+      if reason is None:
+        resume.step, resume.saved_config, resume.saved_meta = (
+            candidate, saved, meta)
+        return resume
+      if step is not None:
+        raise TrainingError(f'{workdir}: checkpoint {candidate} is damaged: '
+                            f'{reason}.')
+      resume.damaged.append((candidate, reason))
+  return resume
+
+
+def _check_resume(workdir: pathlib.Path, resume: _Resume,
+                  config_json: dict[str, Any],
+                  facts: Optional[dict[str, Any]] = None,
+                  allow: tuple[str, ...] = ()):
   """Refuses a resume whose config or data differ from the checkpoint's.
 
   Args:
     workdir: the training workdir.
+    resume: from `_choose_checkpoint`.
     config_json: the current config as a dict.
     facts: the current training data's facts; None checks the config only.
-
-  Returns:
-    The step that will be resumed, or None for a fresh run.
+    allow: config keys allowed to differ besides the safe ones.
 
   Raises:
     TrainingError: naming every key that differs.
   """
-  if not (workdir / checkpoint.SUBDIR).is_dir():
-    return None
-  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      return None
-    saved = config_lib.upgrade(ckpt.restore_config(step))
-    conflicts = config_lib.resume_conflicts(saved, config_json)
-    what = 'config'
-    if not conflicts and facts is not None:
-      conflicts = config_lib.meta_conflicts(ckpt.restore_meta(step), facts)
-      what = 'training data'
+  if resume.step is None:
+    return
+  conflicts = config_lib.resume_conflicts(resume.saved_config, config_json,
+                                          allow=allow)
+  what = 'config'
+  if not conflicts and facts is not None:
+    conflicts = config_lib.meta_conflicts(resume.saved_meta, facts)
+    what = 'training data'
   if conflicts:
     raise TrainingError(
-        f'{workdir}: the checkpoint at step {step} was trained with another '
-        f'{what} ({"; ".join(conflicts)}). Use another --workdir, or the '
-        'saved settings to resume.')
-  return step
+        f'{workdir}: the checkpoint at step {resume.step} was trained with '
+        f'another {what} ({"; ".join(conflicts)}). Use another --workdir, or '
+        'the saved settings to resume.')
+
+
+def _restore(ckpt: checkpoint.Checkpoints, resume: _Resume,
+             fresh: train_state.TrainState) -> train_state.TrainState:
+  """Restores the chosen checkpoint, moving damaged ones aside first.
+
+  A checkpoint that fails to load (or loads non-finite values) is moved
+  aside too, and the next older intact one is tried.
+  """
+  for step, reason in resume.damaged:
+    moved = ckpt.set_aside(step)
+    _note(f'Checkpoint {step} is damaged ({reason}); moved to {moved}.')
+  for step in resume.superseded:
+    moved = ckpt.set_aside(step, 'superseded')
+    _note(f'Checkpoint {step} is newer than --step; moved to {moved}.')
+  if resume.step is None:
+    return fresh
+  candidates = [s for s in reversed(ckpt.all_steps()) if s <= resume.step]
+  for step in candidates:
+    reason = ckpt.verify(step)
+    if reason is None:
+      try:
+        state = ckpt.restore(fresh, step)
+      except (ValueError, KeyError, TypeError) as e:
+        if 'shape' in str(e).lower() or isinstance(e, (KeyError, TypeError)):
+          raise TrainingError(
+              f'{ckpt.directory}: the checkpoint at step {step} does not '
+              f'fit this model ({checkpoint.unreadable(e)}).') from None
+        reason = f'it cannot be read ({checkpoint.unreadable(e)})'
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f'it cannot be read ({checkpoint.unreadable(e)})'
+      else:
+        if bool(_healthy(state.params, state.opt_state)):
+          if step != candidates[0] or resume.damaged:
+            _note(f'Resuming from checkpoint {step}, the newest intact one.')
+          return state
+        reason = 'it holds non-finite or diverged values'
+    moved = ckpt.set_aside(step)
+    _note(f'Checkpoint {step} is damaged ({reason}); moved to {moved}.')
+  _note(f'No intact checkpoint is left in {ckpt.directory}; starting afresh.')
+  return fresh
+
+
+def _write_error(path: pathlib.Path, error: BaseException,
+                 last_saved: Optional[int] = None) -> TrainingError:
+  """A one-line error for a failed write: the path, why, the free space."""
+  where = path if path.exists() else path.parent
+  try:
+    free = f'{shutil.disk_usage(where).free / 2**20:,.0f} MiB free there'
+  except OSError:
+    free = 'free space unknown'
+  kept = (f' The last good checkpoint is step {last_saved}.'
+          if last_saved is not None else '')
+  return TrainingError(f'{path}: cannot write ({checkpoint.unreadable(error)};'
+                       f' {free}).{kept}')
+
+
+def _kept(last_saved: Optional[int], directory: pathlib.Path) -> str:
+  if last_saved is None:
+    return 'No checkpoint was saved yet.'
+  return f'The last good checkpoint is step {last_saved} in {directory}.'
+
+
+def _out_of_time(seconds: float, limit: float, step: int,
+                 log_every: int) -> bool:
+  """Whether `train.max_seconds` is reached, agreed by every process.
+
+  In a multi-host job every host must stop at the same step (the step, the
+  evaluation and the save are collective), so process 0 decides, at log
+  steps only, and tells the others.
+  """
+  if jax.process_count() == 1:
+    return seconds >= limit
+  if step % log_every:
+    return False
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(seconds >= limit)))
+
+
+def _lower_lr_hint(workdir: pathlib.Path, last_saved: Optional[int]) -> str:
+  if last_saved is None:
+    return ' Start again with a lower --config.train.lr.'
+  return (f' To go on from step {last_saved} with a lower learning rate: '
+          f'python train.py ... --workdir={workdir} --step={last_saved} '
+          '--allow_change=train.lr --config.train.lr=LOWER.')
 
 
 def _summary_lines(workdir: pathlib.Path, row: dict[str, Any],
@@ -290,7 +451,8 @@ def _summary_lines(workdir: pathlib.Path, row: dict[str, Any],
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh=None) -> dict[str, float]:
+                       mesh=None, step: Optional[int] = None,
+                       allow: tuple[str, ...] = ()) -> dict[str, float]:
   """Trains (resuming from the latest checkpoint) and evaluates on val.
 
   Nothing is written until the config is valid and, on a resume, the saved
@@ -302,6 +464,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics.jsonl and previews/.
     mesh: the device mesh (default: every device of every process). A run
       may resume on another mesh and repeats the same steps.
+    step: resume from this checkpoint instead of the newest intact one
+      (newer ones are moved aside, not deleted).
+    allow: config keys that may differ from the checkpoint's besides
+      `config_lib.SAFE_ON_RESUME` (e.g. 'train.lr' after a divergence).
 
   Returns:
     The last logged metrics row.
@@ -309,38 +475,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   is_main = jax.process_index() == 0
   workdir = pathlib.Path(workdir).expanduser()
-  if workdir.exists() and not workdir.is_dir():
-    raise TrainingError(f'{workdir}: --workdir exists and is not a folder.')
+  workdir_lib.check(workdir)
   config_json = _config_dict(config)
   # The config first: a refused resume costs no data loading.
-  _check_resume(workdir, config_json)
+  resume = _choose_checkpoint(workdir, step)
+  _check_resume(workdir, resume, config_json, allow=allow)
   exp = experiment.setup(config, mesh)
   facts = exp.facts
-  resume_step = _check_resume(workdir, config_json, facts)
+  _check_resume(workdir, resume, config_json, facts, allow)
+  if config.eval.latent_frame >= facts['num_train_frames']:
+    raise config_lib.ConfigError(
+        f'config.eval.latent_frame = {config.eval.latent_frame}: expected a '
+        f'training frame index below {facts["num_train_frames"]}.')
   for name, split in exp.splits.items():
     logging.info('%s: %d frames of %dx%d, %d expression values (%s)', name,
                  split.num_frames, split.width, split.height, split.expr_dim,
                  split.path)
-  workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir_lib.Lock(workdir)
   if is_main:
-    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      note = lock.acquire()
+      if note:
+        _note(note)
+      workdir_lib.mark(workdir)
+    except OSError as e:
+      lock.release()
+      raise _write_error(workdir, e) from None
+  try:
+    return _train(config, workdir, exp, resume, config_json, is_main)
+  finally:
+    lock.release()
 
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           exp: experiment.Experiment, resume: _Resume,
+           config_json: dict[str, Any], is_main: bool) -> dict[str, float]:
+  """The training loop of `train_and_evaluate`, once the workdir is ours."""
+  facts = exp.facts
   mode = config.parallel.mode
   mesh, model, tx = exp.mesh, exp.model, exp.tx
   schedule = train_state.learning_rate_schedule(config)
   # Checkpoints hold the replicated global state (the shard_map layout), so
   # runs can resume in either mode and on any number of devices.
-  state = exp.initial_state()
   ckpt = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  if resume_step is not None:
-    try:
-      state = ckpt.restore(state, resume_step)
-    except (ValueError, KeyError) as e:
-      ckpt.close()
-      raise TrainingError(
-          f'{ckpt.directory}: the checkpoint at step {resume_step} does not '
-          f'fit this model ({e}).') from None
-    logging.info('Resumed from %s at step %d.', ckpt.directory, resume_step)
+  try:
+    state = _restore(ckpt, resume, exp.initial_state())
+    if is_main:
+      # Only now: a refused or failed resume leaves the old one in place.
+      (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
+  except OSError as e:
+    ckpt.close()
+    raise _write_error(workdir / 'config.json', e) from None
+  except BaseException:
+    ckpt.close()
+    raise
   start = int(parallel.to_host(state.step))
 
   train = exp.train
@@ -369,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = summary.Progress(config.train.max_steps)
   max_seconds = config.train.max_seconds
   last_row: dict[str, float] = {}
-  last_saved = resume_step
+  last_saved = start or None
   timer_step, timer = start, None
   trained_seconds = 0.0
   try:
@@ -385,8 +574,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # The first step includes compilation: time from its end.
         jax.block_until_ready(stats)
         timer_step, timer = step, time.perf_counter()
-      out_of_time = bool(max_seconds) and (
-          trained_seconds + time.perf_counter() - timer >= max_seconds)
+      out_of_time = bool(max_seconds) and _out_of_time(
+          trained_seconds + time.perf_counter() - timer, max_seconds, step,
+          config.train.log_every)
       last = step == config.train.max_steps or out_of_time
       every = lambda n: step % n == 0 or last
       log_now = every(config.train.log_every)
@@ -397,9 +587,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stats = {k: float(v) for k, v in _host(stats, mode).items()}
       if not math.isfinite(stats['loss']):
         raise TrainingError(
-            f'The loss became {stats["loss"]} at step {step}. Nothing after '
-            f'the last good checkpoint was saved (step {last_saved} in '
-            f'{ckpt.directory}). Try a lower --config.train.lr.')
+            f'The loss became {stats["loss"]} at step {step}; nothing of it '
+            f'was saved. {_kept(last_saved, ckpt.directory)}'
+            f'{_lower_lr_hint(workdir, last_saved)}')
       elapsed = time.perf_counter() - timer
       trained_seconds += elapsed
       steps_per_sec = (step - timer_step) / max(elapsed, 1e-9)
@@ -407,6 +597,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       row = {'step': step, 'lr': float(schedule(step - 1)),
              'rays_per_sec': steps_per_sec * config.train.batch_rays,
              'steps_per_sec': steps_per_sec, **stats}
+      # The loss above was computed before this step's update: the updated
+      # state itself must be finite to be evaluated or become a checkpoint.
+      if (save_now or eval_now) and not bool(
+          _healthy(state.params, state.opt_state)):
+        raise TrainingError(
+            f'The parameters became non-finite or diverged (beyond '
+            f'{DIVERGED_PARAMETER:g}) at step {step}; nothing of it was '
+            f'saved. {_kept(last_saved, ckpt.directory)}'
+            f'{_lower_lr_hint(workdir, last_saved)}')
       if eval_now:
         row.update(evaluator(
             parallel.unstack(state.params) if mode == 'pmap' else
@@ -414,17 +613,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if save_now:
         saved_state = (parallel.replicate(_host(state, mode), mesh)
                        if mode == 'pmap' else state)
-        # The loss above was computed before this step's update: the
-        # updated state itself must be finite to become a checkpoint.
-        if not bool(_all_finite((saved_state.params, saved_state.opt_state))):
-          raise TrainingError(
-              f'The parameters became non-finite at step {step}; it was not '
-              f'saved. The last good checkpoint is step {last_saved} in '
-              f'{ckpt.directory}. Try a lower --config.train.lr.')
-        ckpt.save(step, saved_state, config_json, facts)
+        try:
+          ckpt.save(step, saved_state, config_json, facts)
+        except Exception as e:  # pylint: disable=broad-except
+          # Disk full, read-only, quota: the previous checkpoint is intact.
+          raise _write_error(ckpt.step_dir(step), e, last_saved) from e
         last_saved = step
       if is_main:
-        metrics_log.write(row)
+        try:
+          metrics_log.write(row)
+        except OSError as e:
+          raise _write_error(metrics_log.path, e, last_saved) from None
         writer.scalars(step, {k: v for k, v in row.items() if k != 'step'})
         writer.flush()
         progress.update(step, row['loss'], row['psnr'], row['rays_per_sec'],
@@ -447,11 +646,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_row
 
 
-def main(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
-  """`train.py`'s body: clear one-line errors for bad config, data or
-  divergence."""
-  try:
-    return train_and_evaluate(config, workdir)
-  except (config_lib.ConfigError, data.DatasetError, errors.UserError) as e:
-    logging.error('%s', e)
-    sys.exit(f'Error: {e}')
+def main(config: ml_collections.ConfigDict, workdir: str,
+         step: Optional[int] = None, allow: tuple[str, ...] = ()
+         ) -> Optional[dict]:
+  """`train.py`'s body (errors for the user are handled by the caller)."""
+  return train_and_evaluate(config, workdir, step=step, allow=allow)

@@ -1,6 +1,7 @@
 """Tests of orbax checkpointing: round trips, retention, and kill safety."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from nerface_jax import checkpoint
 
@@ -55,7 +57,7 @@ _WRITER = textwrap.dedent('''
     sys.path.insert(0, {repo!r})
     import jax.numpy as jnp
     from nerface_jax import checkpoint
-    ckpt = checkpoint.Checkpoints({path!r}, keep=3, async_save=True)
+    ckpt = checkpoint.Checkpoints({path!r}, keep=3)
     step = 0
     while True:
       step += 1
@@ -82,5 +84,85 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     with checkpoint.Checkpoints(path, keep=3) as ckpt:
       step = ckpt.latest_step()
       assert step is not None and step >= 1
+      # Killed between a save and its manifest, a checkpoint has none yet
+      # and counts as intact; every other one verifies.
+      for s in ckpt.all_steps():
+        assert ckpt.verify(s) is None, (s, ckpt.verify(s))
       restored = ckpt.restore({'w': jnp.zeros((2_000_000,))})
       np.testing.assert_array_equal(restored['w'][:3], [float(step)] * 3)
+
+
+def _saved(tmp_path, steps=(1, 2), keep=3):
+  with checkpoint.Checkpoints(tmp_path, keep=keep) as ckpt:
+    for step in steps:
+      ckpt.save(step, _state(step), {'step': step}, {'x': 1})
+  return tmp_path / checkpoint.SUBDIR
+
+
+def _array_files(folder):
+  return [p for p in (folder / 'state').rglob('*') if p.is_file() and
+          p.stat().st_size > 0 and 'd' in p.parent.name]
+
+
+def test_a_flipped_byte_fails_verification_and_the_rest_verifies(tmp_path):
+  folder = _saved(tmp_path)
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
+    assert ckpt.verify(1) is None and ckpt.verify(2) is None
+  manifest = (folder / '2' / checkpoint.MANIFEST).read_text()
+  assert 'state/' in manifest and 'config/' in manifest
+  victim = max((p for p in (folder / '2').rglob('*') if p.is_file() and
+                p.name != checkpoint.MANIFEST), key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0x40
+  victim.write_bytes(bytes(data))
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
+    reason = ckpt.verify(2)
+    assert reason is not None and 'checksum' in reason and victim.name in reason
+    assert ckpt.verify(1) is None
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'remove_state', 'empty_dir'])
+def test_damaged_checkpoints_are_found(tmp_path, damage):
+  folder = _saved(tmp_path)
+  step_dir = folder / '2'
+  if damage == 'truncate':
+    victim = max((p for p in step_dir.rglob('*') if p.is_file() and
+                  p.name != checkpoint.MANIFEST),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:10])
+  elif damage == 'remove_state':
+    shutil.rmtree(step_dir / 'state')
+  else:
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
+    if 2 in ckpt.all_steps():
+      assert ckpt.verify(2) is not None
+    assert ckpt.verify(1) is None
+
+
+def test_set_aside_moves_without_deleting(tmp_path):
+  folder = _saved(tmp_path)
+  files = sorted(p.relative_to(folder / '2') for p in (folder / '2').rglob('*'))
+  with checkpoint.Checkpoints(tmp_path) as ckpt:
+    moved = ckpt.set_aside(2)
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert moved == folder / 'damaged' / '2'
+    assert sorted(p.relative_to(moved) for p in moved.rglob('*')) == files
+    ckpt.save(2, _state(7), {}, {})  # The step is free again.
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.set_aside(2) == folder / 'damaged' / '2-1'
+
+
+def test_rotation_keeps_n_but_not_for_a_save_that_fails_to_verify(
+    tmp_path, monkeypatch):
+  _saved(tmp_path, steps=(1, 2, 3, 4), keep=2)
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [3, 4]
+  original = checkpoint.Checkpoints.verify
+  monkeypatch.setattr(checkpoint.Checkpoints, 'verify', lambda self, step: (
+      'damaged' if step == 5 else original(self, step)))
+  with checkpoint.Checkpoints(tmp_path, keep=2) as ckpt:
+    ckpt.save(5, _state(5), {}, {})
+    # Step 5 cannot be trusted, so steps 3 and 4 both stay.
+    assert ckpt.all_steps() == [3, 4, 5]

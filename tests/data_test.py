@@ -17,7 +17,9 @@ INTRINSICS = [-12.0, 11.0, 0.4, 0.6]  # Signed fx, off-centre cx/cy.
 
 def _rotation(seed):
   q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-  return q * np.sign(np.diag(r))
+  q = q * np.sign(np.diag(r))
+  # A rotation, not a reflection (which the loader refuses).
+  return q * np.sign(np.linalg.det(q))
 
 
 def _c2w(seed):
@@ -217,6 +219,22 @@ BAD_INPUTS = [
      ['frame 1', 'f_0001', 'shape (4, 4)']),
     ('rotation_not_orthonormal', _scaled_rotation, 'train',
      ['frame 1', 'f_0001', 'orthonormal']),
+    # A column-major export: every camera would sit at the origin.
+    ('matrix_transposed', _set('train', 1, 'transform_matrix',
+                               _c2w(1).T.tolist()), 'train',
+     ['frame 1', 'f_0001', 'last row', 'transposed']),
+    ('matrix_reflection', _set('train', 1, 'transform_matrix',
+                               (_c2w(1) @ np.diag([1, 1, -1, 1])).tolist()),
+     'train', ['frame 1', 'f_0001', 'reflection']),
+    ('matrix_bottom_row', _set('train', 0, 'transform_matrix', (
+        _c2w(0) + np.diag([0, 0, 0, 1.0])).tolist()), 'train',
+     ['frame 0', 'last row', '[0, 0, 0, 1]']),
+    ('principal_point_in_pixels', lambda root: _dump(root, 'val', {
+        **_meta(root, 'val'), 'intrinsics': [-10.0, 10.0, 8.0, 8.0]}),
+     'val', ['transforms_val.json', 'cx=8.0', 'fractions']),
+    ('focal_in_image_widths', lambda root: _dump(root, 'val', {
+        **_meta(root, 'val'), 'intrinsics': [-0.9, 0.9, 0.5, 0.5]}),
+     'val', ['transforms_val.json', 'fx=-0.9', 'pixels']),
     ('expression_length_between_frames', _set('train', 1, 'expression',
                                               [0.0] * 4), 'train',
      ['frame 1', 'f_0001', '4 values', 'frame 0']),

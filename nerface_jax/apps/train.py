@@ -31,18 +31,24 @@ _PROCESS_ID = flags.DEFINE_integer(
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a job that JAX detects by itself (TPU pods, '
     'SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'Resume from this checkpoint instead of the newest intact '
+    'one (newer ones are moved aside to checkpoints/superseded/).')
+_ALLOW_CHANGE = flags.DEFINE_list(
+    'allow_change', [], 'Config keys that may differ from the checkpoint\'s '
+    'when resuming, e.g. train.lr after a divergence.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.quiet_library_logs()
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-  train_lib.main(_CONFIG.value, _WORKDIR.value)
+  train_lib.main(_CONFIG.value, _WORKDIR.value, _STEP.value,
+                 tuple(_ALLOW_CHANGE.value))
 
 
 def run():
   """The console-script entry point (`nerface-train`)."""
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.run_main(main, 'train.py'), flags_parser=cli.parse_flags)
