@@ -89,11 +89,10 @@ class TestEvaluator:
     # Fitting codes per frame is a render-time option; the mean code is its
     # cheap stand-in here.
     code = latents.shared_code(
-        host, 'mean' if choice == 'optimize' else choice,
+        host, latents.shared_choice(choice),
         self.config.eval.latent_frame, self.config.model.latent_dim)
     scores = evaluation.score_frames(
-        self.render.with_params(host), self.test,
-        np.tile(code, (self.test.num_frames, 1)), self.frames)
+        self.render.with_params(host), self.test, code, self.frames)
     return scores['mean']['psnr']
 
 

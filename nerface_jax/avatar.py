@@ -75,7 +75,7 @@ class Avatar:
     eval.latent; 'optimize', which is per frame, falls back to 'mean')."""
     choice = choice or self.config.eval.latent
     return latents.shared_code(
-        self.host_params, 'mean' if choice == 'optimize' else choice,
+        self.host_params, latents.shared_choice(choice),
         self.config.eval.latent_frame, self.config.model.latent_dim)
 
   def frame_code(self, split: str, index: int,

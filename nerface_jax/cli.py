@@ -164,6 +164,8 @@ def run_main(main: Callable[[list[str]], Any], program: str
   def wrapped(argv):
     quiet_library_logs(verbose=VERBOSE.value)
     try:
+      if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
       return main(argv)
     except (*USER_ERRORS, app.UsageError) as e:
       if VERBOSE.value:

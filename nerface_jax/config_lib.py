@@ -666,7 +666,7 @@ def meta_conflicts(saved_meta: Mapping[str, Any],
                    abs_tol: float = 1e-6) -> list[str]:
   """The data facts of a checkpoint that the current data does not match.
 
-  Compares `train_lib.data_facts` as saved with a checkpoint and as computed
+  Compares `experiment.data_facts` as saved with a checkpoint and as computed
   from the data now: numbers and lists of numbers within the tolerance,
   everything else exactly. A key missing on either side (facts an older
   version did not save) is skipped.

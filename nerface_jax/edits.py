@@ -13,7 +13,6 @@ import numpy as np
 from nerface_jax import errors
 
 
-
 def head_centre(c2w: np.ndarray) -> np.ndarray:
   """The point closest (least squares) to every camera's optical axis.
 
@@ -117,9 +116,10 @@ def expression_sweep(expression: np.ndarray, coeffs: Sequence[int], low: float,
   expression = np.asarray(expression, np.float32)
   for c in coeffs:
     if not 0 <= c < expression.shape[0]:
-      raise errors.RenderError(f'--coeff={c} is outside the expression, which has '
-                        f'{expression.shape[0]} coefficients (0 to '
-                        f'{expression.shape[0] - 1}).')
+      raise errors.RenderError(
+          f'--coeff={c} is outside the expression, which has '
+          f'{expression.shape[0]} coefficients (0 to '
+          f'{expression.shape[0] - 1}).')
   out = np.tile(expression, (num, 1))
   values = np.linspace(low, high, num, dtype=np.float32)
   out[:, list(coeffs)] = values[:, None]
@@ -127,11 +127,16 @@ def expression_sweep(expression: np.ndarray, coeffs: Sequence[int], low: float,
 
 
 def neutral_index(expressions: np.ndarray, chosen: Optional[int]) -> int:
-  """`chosen`, or the frame of lowest expression norm (the most neutral)."""
+  """`chosen`, or the frame of lowest expression norm (the most neutral).
+
+  Args:
+    expressions: float [F, E].
+    chosen: a frame index, or None.
+  """
   if chosen is not None:
     if not 0 <= chosen < len(expressions):
       raise errors.RenderError(f'neutral frame {chosen} is outside the '
-                        f'{len(expressions)} frames.')
+                               f'{len(expressions)} frames.')
     return chosen
   return int(np.argmin(np.linalg.norm(expressions, axis=-1)))
 

@@ -35,7 +35,8 @@ def score_frames(render: renderer.Renderer, dataset: data.Dataset,
   Args:
     render: the Renderer (model and parameters).
     dataset: frames with their images (the truth).
-    codes: float32 [F, L] one code per frame of `dataset`.
+    codes: float32 [F, L] one code per frame of `dataset`, or [L] one code
+      for all.
     frames: indices to score (default: all).
     on_frame: called after each frame with what was rendered (for writing
       images and progress).
@@ -46,6 +47,9 @@ def score_frames(render: renderer.Renderer, dataset: data.Dataset,
     uint8 prediction.
   """
   frames = range(dataset.num_frames) if frames is None else frames
+  codes = np.asarray(codes, np.float32)
+  if codes.ndim == 1:
+    codes = np.broadcast_to(codes, (dataset.num_frames,) + codes.shape)
   rows = []
   for index in frames:
     result = render(renderer.dataset_inputs(dataset, index, codes[index]),

@@ -93,10 +93,9 @@ def construct_model(config: ml_collections.ConfigDict,
 
 def device_data(dataset: data.Dataset,
                 bbox_weight: float) -> sampler.DeviceData:
-  """The sampling tables of a split (host numpy)."""
-  return sampler.prepare(dataset.images, dataset.c2w, dataset.expressions,
-                         dataset.bboxes, dataset.background,
-                         dataset.intrinsics, bbox_weight)
+  """The sampling tables of a split (host numpy): uint8 images [F, H, W, 3],
+  cameras, expressions, pixel boxes and weights (`sampler.DeviceData`)."""
+  return sampler.from_dataset(dataset, bbox_weight)
 
 
 @dataclasses.dataclass

@@ -33,6 +33,12 @@ def gamma(params: Any) -> Optional[np.ndarray]:
   return np.asarray(params['latent']['gamma'], np.float32)
 
 
+def shared_choice(choice: str) -> str:
+  """The shared code that stands in for `choice` where codes cannot be
+  fitted per frame (training previews, reenactment): 'optimize' -> 'mean'."""
+  return 'mean' if choice == 'optimize' else choice
+
+
 def shared_code(params: Any, choice: str, latent_frame: int = 0,
                 latent_dim: int = 0) -> np.ndarray:
   """The one code used for frames without a trained code.
@@ -136,9 +142,8 @@ def optimize_latents(config: ml_collections.ConfigDict,
     dim = config.model.latent_dim if gamma(params) is None else gamma(
         params).shape[1]
     return np.zeros((len(frames), dim), np.float32)
-  device_data = jax.device_put(sampler.prepare(
-      dataset.images, dataset.c2w, dataset.expressions, dataset.bboxes,
-      dataset.background, dataset.intrinsics, config.data.bbox_weight))
+  device_data = jax.device_put(sampler.from_dataset(dataset,
+                                                     config.data.bbox_weight))
   fit = make_latent_fitter(config, model, params)
   batch = config.eval.optimize_batch
   start_code = shared_code(params, 'mean')

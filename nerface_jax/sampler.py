@@ -122,6 +122,14 @@ def prepare(images: np.ndarray, c2w: np.ndarray, expressions: np.ndarray,
       inside_prob=(mass_in / mass).astype(np.float32).reshape(num_frames))
 
 
+def from_dataset(dataset, bbox_weight: float) -> DeviceData:
+  """`prepare` on the arrays of a `data.Dataset` (any object with its
+  fields: images, c2w, expressions, bboxes, background, intrinsics)."""
+  return prepare(dataset.images, dataset.c2w, dataset.expressions,
+                 dataset.bboxes, dataset.background, dataset.intrinsics,
+                 bbox_weight)
+
+
 def _outside_pixel(k: chex.Array, box: chex.Array, width: int):
   """The k-th pixel (row-major) of an image that lies outside `box`.
 

@@ -211,9 +211,8 @@ class _Evaluator:
     # the mean code.
     host_params = parallel.to_host(params)
     code = latents.shared_code(
-        host_params, 'mean' if choice == 'optimize' else choice,
+        host_params, latents.shared_choice(choice),
         self.config.eval.latent_frame, self.config.model.latent_dim)
-    codes = np.tile(code, (self.val.num_frames, 1))
 
     def preview(index, name, result, prediction, row):
       del row
@@ -227,7 +226,7 @@ class _Evaluator:
       writer.image(step, f'val/{name}', panel)
 
     scores = evaluation.score_frames(self.render.with_params(host_params),
-                                     self.val, codes, self.frames, preview)
+                                     self.val, code, self.frames, preview)
     row = {'val_psnr': scores['mean']['psnr']}
     if scores['mean'].get('lpips') is not None:
       row['val_lpips'] = scores['mean']['lpips']

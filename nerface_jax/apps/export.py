@@ -1,14 +1,5 @@
-r"""Exports a trained avatar as a triangle mesh (README, "Meshes").
-
-  python export.py --workdir=W --out=O                       # training frame 0
-  python export.py --workdir=W --out=O --frame=10 --resolution=256
-  python export.py --workdir=W --out=O --expression=expr.npy  # or a,b,c,...
-  python export.py --workdir=W --out=O --coeff=0 --range=0,1 --frames=5
-
-Writes O/mesh.ply, O/mesh.obj and O/mesh.png (a shaded preview), or one
-sweep_<n> triple per step of a sweep, and O/export.json. Reads W's config and
-latest checkpoint (or --step).
-"""
+"""The flags and main of `export.py` (its usage text is the top-level
+script's docstring, which absl shows for --help)."""
 
 from absl import app
 from absl import flags
@@ -97,8 +88,7 @@ def _run():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # cli.run_main refuses positional arguments.
   _run()
 
 

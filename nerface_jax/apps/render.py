@@ -1,12 +1,5 @@
-r"""Renders a trained avatar (docs/architecture.md, "Command line").
-
-  python render.py --workdir=W --out=O                     # score the test split
-  python render.py --workdir=W --out=O --mode=orbit --frame=10
-  python render.py --workdir=W --out=O --mode=expression --coeff=0 --range=0,1
-  python render.py --workdir=W --out=O --mode=reenact --driving=/data/person_2
-
-Reads W's config and latest checkpoint (or --step).
-"""
+"""The flags and main of `render.py` (its usage text is the top-level
+script's docstring, which absl shows for --help)."""
 
 from absl import app
 from absl import flags
@@ -110,8 +103,7 @@ def _run():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # cli.run_main refuses positional arguments.
   _run()
 
 

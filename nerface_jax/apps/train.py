@@ -1,13 +1,5 @@
-r"""Trains a NeRFace avatar.
-
-  python train.py --config=configs/person.py --workdir=W \
-      --config.data.dir=/path/to/person_1
-  python train.py --config=configs/person.py:demo --workdir=W   # built-in person
-
-Resumes from the latest checkpoint in W when there is one. On several hosts,
-start the same command on every host with --coordinator_address,
---num_processes and --process_id (or --distributed on TPU pods and SLURM).
-"""
+"""The flags and main of `train.py` (its usage text is the top-level
+script's docstring, which absl shows for --help)."""
 
 from absl import app
 from absl import flags
@@ -41,8 +33,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # cli.run_main refuses positional arguments.
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   train_lib.main(_CONFIG.value, _WORKDIR.value, _STEP.value,
