@@ -432,21 +432,26 @@ def _lower_lr_hint(workdir: pathlib.Path, last_saved: Optional[int]) -> str:
           '--allow_change=train.lr --config.train.lr=LOWER.')
 
 
+def _next_lines(workdir: pathlib.Path) -> list[str]:
+  """Where the results are and the commands to run next."""
+  return [f'Checkpoints: {workdir / checkpoint.SUBDIR}; logs: '
+          f'tensorboard --logdir {workdir}',
+          'Next:',
+          f'  python render.py --workdir={workdir} --out={workdir}/test'
+          '            # score the test split',
+          f'  python render.py --workdir={workdir} --out={workdir}/orbit '
+          '--mode=orbit  # novel views',
+          f'  python view.py --workdir={workdir}'
+          '                        # drive it in the browser']
+
+
 def _summary_lines(workdir: pathlib.Path, row: dict[str, Any],
                    seconds: float, first_step: int) -> list[str]:
   """What to tell the user when training ends."""
-  lines = [f'Trained steps {first_step + 1}-{row["step"]} in '
-           f'{seconds / 60:.1f} min: train PSNR {row["psnr"]:.2f} dB'
-           + (f', val PSNR {row["val_psnr"]:.2f} dB' if 'val_psnr' in row
-              else '') + '.',
-           f'Checkpoints: {workdir / checkpoint.SUBDIR}; logs: '
-           f'tensorboard --logdir {workdir}',
-           'Next:',
-           f'  python render.py --workdir={workdir} --out={workdir}/test'
-           '            # score the test split',
-           f'  python render.py --workdir={workdir} --out={workdir}/orbit '
-           '--mode=orbit  # novel views']
-  return lines
+  return [f'Trained steps {first_step + 1}-{row["step"]} in '
+          f'{seconds / 60:.1f} min: train PSNR {row["psnr"]:.2f} dB'
+          + (f', val PSNR {row["val_psnr"]:.2f} dB' if 'val_psnr' in row
+             else '') + '.'] + _next_lines(workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -609,15 +614,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         row.update(evaluator(
             parallel.unstack(state.params) if mode == 'pmap' else
             state.params, step, writer, is_main))
-      if save_now:
-        saved_state = (parallel.replicate(_host(state, mode), mesh)
-                       if mode == 'pmap' else state)
-        try:
-          ckpt.save(step, saved_state, config_json, facts)
-        except Exception as e:  # pylint: disable=broad-except
-          # Disk full, read-only, quota: the previous checkpoint is intact.
-          raise _write_error(ckpt.step_dir(step), e, last_saved) from e
-        last_saved = step
+      # The row goes out before the checkpoint: a kill between the two
+      # resumes from the previous checkpoint and drops the row, instead of
+      # resuming past a step whose row was never written.
       if is_main:
         try:
           metrics_log.write(row)
@@ -627,6 +626,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         writer.flush()
         progress.update(step, row['loss'], row['psnr'], row['rays_per_sec'],
                         steps_per_sec)
+      if save_now:
+        saved_state = (parallel.replicate(_host(state, mode), mesh)
+                       if mode == 'pmap' else state)
+        try:
+          ckpt.save(step, saved_state, config_json, facts)
+        except Exception as e:  # pylint: disable=broad-except
+          # Disk full, read-only, quota: the previous checkpoint is intact.
+          raise _write_error(ckpt.step_dir(step), e, last_saved) from e
+        last_saved = step
       last_row = row
       # Evaluation and saving are not training time.
       timer_step, timer = step, time.perf_counter()
@@ -642,6 +650,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if is_main and last_row:
     print('\n'.join(_summary_lines(workdir, last_row, trained_seconds,
                                    start)), flush=True)
+  elif is_main:
+    # Running the finished command again: say so rather than nothing.
+    print(f'{workdir}: already trained to step {start} (train.max_steps = '
+          f'{config.train.max_steps}); nothing to do. Raise '
+          '--config.train.max_steps to train on.\n' +
+          '\n'.join(_next_lines(workdir)), flush=True)
   return last_row
 
 

@@ -153,6 +153,10 @@ def test_training_ends_with_a_summary_and_the_next_commands(cache, tmp_path,
   assert 'Trained steps 1-4' in out and 'val PSNR' in out
   assert f'python render.py --workdir={tmp_path}' in out
   assert str(tmp_path / 'checkpoints') in out
+  # The same command again has nothing to do, and says so.
+  assert train_lib.train_and_evaluate(_config(cache), str(tmp_path)) == {}
+  out = capsys.readouterr().out
+  assert 'already trained to step 4' in out and 'python render.py' in out
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
