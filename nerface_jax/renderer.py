@@ -108,9 +108,14 @@ def make_render_chunk(model: models.NerfaceModel, mesh) -> Callable[..., Any]:
                  out_shardings=sharded)
 
 
+class RenderInterrupted(Exception):
+  """`render_frame` stopped between chunks because `should_stop()` said so."""
+
+
 def render_frame(render_chunk: Callable[..., Any], params: Any,
                  inputs: FrameInputs, height: int, width: int, chunk: int,
-                 mesh) -> dict[str, np.ndarray]:
+                 mesh, should_stop: Optional[Callable[[], bool]] = None
+                 ) -> dict[str, np.ndarray]:
   """Renders a whole frame on the host side of a chunked, sharded renderer.
 
   Args:
@@ -121,9 +126,16 @@ def render_frame(render_chunk: Callable[..., Any], params: Any,
     width: W.
     chunk: rays per call; rounded up to a multiple of the device count.
     mesh: the device mesh.
+    should_stop: if given, asked before every chunk after the first, once
+      the chunk before has finished (so a stop wastes at most one chunk's
+      work); True abandons the frame. Without it all chunks are dispatched
+      at once. With several processes, all must give the same answers.
 
   Returns:
     {'rgb': float32 [H, W, 3], 'depth': float32 [H, W], 'acc': [H, W]}.
+
+  Raises:
+    RenderInterrupted: when `should_stop()` returned True.
   """
   devices = mesh.devices.size
   chunk = -(-min(chunk, height * width) // devices) * devices
@@ -137,6 +149,13 @@ def render_frame(render_chunk: Callable[..., Any], params: Any,
   inputs = parallel.replicate(inputs, mesh)
   outputs = []
   for start in range(0, padded, chunk):
+    if should_stop is not None and outputs:
+      # Dispatch is asynchronous: wait for the chunk in flight, so that a
+      # stop arriving during it abandons the frame before the next one.
+      jax.block_until_ready(outputs[-1])
+      if should_stop():
+        raise RenderInterrupted(f'stopped after {len(outputs)} of '
+                                f'{padded // chunk} chunks')
     piece = jax.device_put(pixels[start:start + chunk], sharded)
     out = render_chunk(params, piece, inputs)
     if jax.process_count() > 1:

@@ -53,7 +53,8 @@ def test_the_wheel_declares_commands_licence_and_dependencies(wheel):
       'nerface-train': 'nerface_jax.apps.train:run',
       'nerface-render': 'nerface_jax.apps.render:run',
       'nerface-preprocess': 'nerface_jax.apps.preprocess:run',
-      'nerface-export': 'nerface_jax.apps.export:run'}
+      'nerface-export': 'nerface_jax.apps.export:run',
+      'nerface-view': 'nerface_jax.apps.view:run'}
   metadata = archive.read(info.replace('entry_points.txt', 'METADATA')).decode()
   assert 'License-Expression: Apache-2.0' in metadata
   for requirement in ('jax', 'flax', 'orbax-checkpoint', 'tensorboardX',

@@ -4,6 +4,7 @@ import chex
 import jax
 from jax.sharding import Mesh
 import numpy as np
+import pytest
 
 from nerface_jax import avatar as avatar_lib
 from nerface_jax import renderer
@@ -54,3 +55,31 @@ def test_with_params_reuses_the_compiled_chunk(trained_avatar):
   assert other.render_chunk is render.render_chunk
   assert not np.allclose(jax.tree.leaves(other.params)[0],
                          jax.tree.leaves(render.params)[0])
+
+
+def test_should_stop_interrupts_between_chunks(trained_avatar):
+  render = trained_avatar.renderer
+  dataset = avatar_lib.load_dataset(trained_avatar, 'val')
+  inputs = renderer.dataset_inputs(dataset, 0,
+                                   trained_avatar.shared_code('mean'))
+  args = (render.render_chunk, render.params, inputs, dataset.height,
+          dataset.width, 100, render.mesh)  # 576 pixels: 6 chunks.
+  asked = []
+
+  def never():
+    asked.append(len(asked))
+    return False
+
+  # Asked before each chunk but the first; the frame is the usual one.
+  chex.assert_trees_all_close(renderer.render_frame(*args, should_stop=never),
+                              renderer.render_frame(*args), atol=0)
+  assert len(asked) == 5
+  asked.clear()
+
+  def after_two():
+    asked.append(len(asked))
+    return len(asked) >= 2
+
+  with pytest.raises(renderer.RenderInterrupted, match='after 2 of 6'):
+    renderer.render_frame(*args, should_stop=after_two)
+  assert len(asked) == 2
