@@ -668,24 +668,6 @@ class ProgressBar:
     self.stream.flush()
 
 
-def prepare_output(out: os.PathLike[str] | str) -> pathlib.Path:
-  """`render_modes.prepare_output`'s policy for export.py: `out` is new,
-  empty, or a folder render.py or export.py wrote before (their marker)."""
-  out = pathlib.Path(out).expanduser()
-  marker = out / render_modes.MARKER
-  if out.exists() and not out.is_dir():
-    raise errors.RenderError(f'--out={out}: exists and is not a folder.')
-  if out.is_dir() and any(out.iterdir()) and not marker.is_file():
-    raise errors.RenderError(
-        f'--out={out}: the folder holds files that render.py or export.py '
-        'did not write; choose a new or empty --out folder.')
-  out.mkdir(parents=True, exist_ok=True)
-  if not marker.is_file():
-    marker.write_text('Written by nerface-jax (render.py, export.py); its '
-                      'outputs may be replaced.\n')
-  return out
-
-
 def parse_expression(value: str, expr_dim: int) -> np.ndarray:
   """`--expression`: a .npy file of E numbers, or E comma-separated numbers.
 
@@ -854,7 +836,7 @@ def export(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
 
   Args:
     avatar: the Avatar.
-    out: the output folder (`prepare_output`'s policy).
+    out: the output folder (`render_modes.prepare_output`'s policy).
     split: the split `frame` is taken from.
     frame: the frame whose expression (unless `expression`) and code are used.
     expression: float [E] coefficients instead of the frame's.
@@ -894,7 +876,7 @@ def export(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
     expressions = base[None].astype(np.float32)
     names = ['mesh']
   code = avatar.frame_code(split, frame, latent)
-  out = prepare_output(out)
+  out = render_modes.prepare_output(out)
   config = avatar.config
   if box is None:
     box = head_region(train.c2w, train.intrinsics, train.height, train.width,

@@ -30,21 +30,22 @@ MARKER = '.nerface-render'
 
 
 def prepare_output(out: os.PathLike[str] | str) -> pathlib.Path:
-  """Creates `out`, refusing a folder that holds files render.py did not write.
+  """Creates `out`, refusing a folder that holds files we did not write.
 
-  A folder is ours when it holds the marker file of an earlier render; then
-  its renders are replaced. Anything else is never overwritten.
+  A folder is ours when it holds the marker file of an earlier render or
+  export (render.py and export.py share it); then its outputs are replaced.
+  Anything else is never overwritten.
   """
   out = pathlib.Path(out).expanduser()
   if out.exists() and not out.is_dir():
-    raise errors.RenderError(f'{out}: exists and is not a folder.')
+    raise errors.RenderError(f'--out={out}: exists and is not a folder.')
   if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
     raise errors.RenderError(
-        f'{out}: the folder holds files that render.py did not write; choose '
-        'a new or empty --out folder.')
+        f'--out={out}: the folder holds files that render.py or export.py '
+        'did not write; choose a new or empty --out folder.')
   out.mkdir(parents=True, exist_ok=True)
-  (out / MARKER).write_text('Written by render.py; its renders may be '
-                            'replaced.\n')
+  (out / MARKER).write_text('Written by nerface-jax (render.py, export.py); '
+                            'its outputs may be replaced.\n')
   return out
 
 
