@@ -10,7 +10,7 @@ The presets and every key, with a comment each, live in
 `nerface_jax/config_lib.py`. This file stays the path the command line and
 the docs name (ml_collections' config_flags loads it by its path).
 
-Presets: paper (the default), demo, tiny; see nerface_jax/presets.py.
+Presets: paper (the default), demo, fast, tiny; see nerface_jax/presets.py.
 """
 
 from nerface_jax.presets import get_config  # pylint: disable=unused-import

@@ -23,6 +23,7 @@ from nerface_jax import errors
 from nerface_jax import experiment
 from nerface_jax import latents
 from nerface_jax import models
+from nerface_jax import occupancy
 from nerface_jax import parallel
 from nerface_jax import renderer
 from nerface_jax import train_state
@@ -148,7 +149,8 @@ def load(workdir: os.PathLike[str] | str, step: Optional[int] = None,
     candidates = [step] if step is not None else steps[::-1]
     for n, candidate in enumerate(candidates):
       try:
-        config, meta, model, host_params = _read(ckpt, workdir, candidate)
+        config, meta, model, host_params, grid = _read(ckpt, workdir,
+                                                       candidate)
       except errors.RenderError as e:
         if step is not None or n == len(candidates) - 1:
           raise
@@ -165,7 +167,7 @@ def load(workdir: os.PathLike[str] | str, step: Optional[int] = None,
   return Avatar(config=config, meta=meta, model=model,
                 host_params=host_params,
                 renderer=renderer.Renderer.create(model, host_params, mesh,
-                                                  config.render.chunk),
+                                                  config.render.chunk, grid),
                 step=step, workdir=workdir)
 
 
@@ -196,17 +198,25 @@ def _read(ckpt: checkpoint.Checkpoints, workdir: pathlib.Path, step: int):
         f'{workdir}: the checkpoint at step {step} has no data facts '
         '(written by an older version).')
   model = experiment.construct_model(config, meta)
+  abstract = {'params': train_state.abstract_params(model, meta['expr_dim'])}
+  if config.render.occupancy:
+    abstract['occupancy'] = jax.eval_shape(
+        lambda: train_state.initial_grid(config, model))
   try:
-    host_params = ckpt.restore_params(
-        train_state.abstract_params(model, meta['expr_dim']), step)
+    parts = ckpt.restore_parts(abstract, step)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.RenderError(
         f'{workdir}: checkpoint {step} is damaged: its parameters cannot be '
         f'read ({checkpoint.unreadable(e)}).') from None
+  host_params = parts['params']
   if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_params)):
     raise errors.RenderError(f'{workdir}: checkpoint {step} holds non-finite '
                              'parameters.')
-  return config, meta, model, host_params
+  grid = parts.get('occupancy')
+  if grid is not None:
+    grid = occupancy.Grid(**{k: np.asarray(getattr(grid, k)) for k in (
+        'box_min', 'box_max', 'density', 'occupied', 'step')})
+  return config, meta, model, host_params, grid
 
 
 def load_dataset(avatar: Avatar, split: str,

@@ -191,21 +191,26 @@ class Checkpoints:
 
   def restore_params(self, abstract_params: Any,
                      step: Optional[int] = None) -> Any:
-    """Only the parameters of the state at `step`, as host numpy arrays.
+    """Only the parameters of the state at `step` (see `restore_parts`)."""
+    return self.restore_parts({'params': abstract_params}, step)['params']
+
+  def restore_parts(self, abstract: dict[str, Any],
+                    step: Optional[int] = None) -> dict[str, Any]:
+    """Some fields of the state at `step`, as host numpy arrays.
 
     Rendering needs neither the optimiser moments (twice the parameters'
-    size) nor device placement, so only the `params` subtree is read.
+    size) nor device placement, so only the named subtrees are read.
 
     Args:
-      abstract_params: the parameter tree's shapes and dtypes
-        (`train_state.abstract_params`).
+      abstract: {TrainState field: its tree of shapes and dtypes}, e.g.
+        {'params': train_state.abstract_params(...), 'occupancy': ...}.
       step: the checkpoint step; None for the latest.
 
     Returns:
-      The parameter tree of numpy arrays.
+      {field: tree of numpy arrays}.
     """
     step = self._existing_step(step)
-    item = {'params': abstract_params}
+    item = dict(abstract)
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with ocp.PyTreeCheckpointer() as reader:
@@ -213,7 +218,7 @@ class Checkpoints:
           self.step_dir(step) / 'state',
           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                       partial_restore=True))
-    return restored['params']
+    return restored
 
   def _existing_step(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step

@@ -105,6 +105,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'model.expr_norm': ('scale', 'standardize'),
     # dtype of the MLP matmuls (parameters and quadrature stay float32).
     'model.compute_dtype': ('float32', 'bfloat16'),
+    # The radiance field of both levels: the original MLP or a hash grid.
+    'model.field': ('mlp', 'hash'),
     # 'norm': ||gamma_i||_2 (the original); 'squared': ||gamma_i||_2^2.
     'train.latent_prior': ('norm', 'squared'),
     'parallel.mode': ('shard_map', 'pmap'),
@@ -143,15 +145,19 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Int(Rule):
-  """An integer (not a bool) >= `low`."""
+  """An integer (not a bool) >= `low` (and <= `high` when given)."""
   low: int
+  high: Optional[int] = None
 
   @property
   def expected(self) -> str:
+    if self.high is not None:
+      return f'an integer in {self.low}..{self.high}'
     return f'an integer >= {self.low}'
 
   def accepts(self, value: Any) -> bool:
-    return _is_int(value) and value >= self.low
+    return (_is_int(value) and value >= self.low and
+            (self.high is None or value <= self.high))
 
   def explain(self, value: Any, key: str = '') -> str:
     if isinstance(value, float) and value.is_integer():
@@ -301,17 +307,33 @@ RULES: dict[str, Rule] = {
     'model.use_latent': Bool(),
     'model.use_viewdirs': Bool(),
     'model.compute_dtype': Choice(CHOICES['model.compute_dtype']),
+    'model.field': Choice(CHOICES['model.field']),
+    'model.hash_levels': _COUNT,
+    'model.hash_features': _COUNT,
+    # Rows of a hashed level: 2**k; int32 row indices bound the total.
+    'model.hash_log2_size': Int(4, 26),
+    'model.hash_base_resolution': _COUNT,
+    'model.hash_max_resolution': _COUNT,  # And >= hash_base_resolution.
+    'model.hash_width': _COUNT,
+    'model.hash_depth': _COUNT,
+    'model.hash_geo_features': _INDEX,
     # --- render
     # Resampling uses the weights of the inner coarse samples: at least 3.
     'render.num_coarse': Int(3),
     'render.num_fine': _COUNT,
     'render.noise_std': _NON_NEGATIVE,
     'render.chunk': _COUNT,
+    'render.occupancy': Bool(),
+    'render.occupancy_resolution': Int(2, 256),
+    'render.occupancy_threshold': _NON_NEGATIVE,
     # --- train
     'train.batch_rays': _COUNT,
     'train.max_steps': _COUNT,
     'train.max_seconds': OrNone(_POSITIVE, 'no limit'),
     'train.lr': _POSITIVE,
+    'train.table_lr': OrNone(_POSITIVE, 'train.lr'),
+    'train.adam_eps': _POSITIVE,
+    'train.warmup_steps': _INDEX,
     'train.lr_decay_steps': _COUNT,
     # 1 keeps the rate constant; above 1 the rate would grow.
     'train.lr_decay_rate': Number(0, 1, low_open=True),
@@ -324,6 +346,8 @@ RULES: dict[str, Rule] = {
     'train.eval_every': _COUNT,
     'train.checkpoint_every': _COUNT,
     'train.keep_checkpoints': _COUNT,
+    'train.occupancy_every': _COUNT,
+    'train.occupancy_warmup': _INDEX,
     # --- parallel
     'parallel.mode': Choice(CHOICES['parallel.mode']),
     # --- eval
@@ -365,12 +389,24 @@ def _synthetic_downscale(flat: Mapping[str, Any]) -> Optional[str]:
           'person (data.dir is unset).')
 
 
+def _hash_resolutions(flat: Mapping[str, Any]) -> Optional[str]:
+  base = flat['model.hash_base_resolution']
+  top = flat['model.hash_max_resolution']
+  if top >= base:
+    return None
+  return (f'config.model.hash_max_resolution = {top!r}: expected an integer '
+          f'>= config.model.hash_base_resolution ({base!r}), the finest '
+          "level's cells per axis.")
+
+
 # (keys read, check): a check runs only when its keys passed their own rules.
 _CROSS_RULES = (
     (('data.near', 'data.far'), _near_far),
     (('model.skip_layer', 'model.trunk_depth'), _skip_layer),
     (('data.dir', 'data.downscale', 'data.synthetic_size'),
      _synthetic_downscale),
+    (('model.hash_base_resolution', 'model.hash_max_resolution'),
+     _hash_resolutions),
 )
 
 
@@ -470,6 +506,20 @@ ADDED: dict[str, tuple[Any, str]] = {
     'model.expr_scale': (1.0 / 3.0, '38dd2aa..a4154e9: the default was 1/3'),
     # Added with the config layer: no time limit before.
     'train.max_seconds': (None, 'config_lib: no time limit before'),
+    # Added with the hash field and the occupancy grid: before, the MLP field
+    # with stratified coarse samples and plain Adam was the only model.
+    'model.field': ('mlp', 'hash field: the MLP was the only field'),
+    **{f'model.hash_{k}': (FROM_PRESET, 'hash field: read only by it')
+       for k in ('levels', 'features', 'log2_size', 'base_resolution',
+                 'max_resolution', 'width', 'depth', 'geo_features')},
+    'render.occupancy': (False, 'occupancy grid: none before'),
+    'render.occupancy_resolution': (FROM_PRESET, 'occupancy: read only by it'),
+    'render.occupancy_threshold': (FROM_PRESET, 'occupancy: read only by it'),
+    'train.occupancy_every': (FROM_PRESET, 'occupancy: read only by it'),
+    'train.occupancy_warmup': (FROM_PRESET, 'occupancy: read only by it'),
+    'train.table_lr': (None, 'hash field: one learning rate before'),
+    'train.adam_eps': (1e-8, "hash field: optax.adam's default before"),
+    'train.warmup_steps': (0, 'hash field: no warm-up before'),
 }
 
 # Renamed keys, old dotted key -> new dotted key (none yet).

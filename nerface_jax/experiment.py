@@ -19,6 +19,7 @@ from nerface_jax import data
 from nerface_jax import models
 from nerface_jax import parallel
 from nerface_jax import sampler
+from nerface_jax import scene
 from nerface_jax import synthetic
 from nerface_jax import train_state
 
@@ -69,26 +70,34 @@ def fingerprint(dataset: data.Dataset) -> str:
   return digest.hexdigest()[:16]
 
 
-def data_facts(train: data.Dataset) -> dict[str, Any]:
+def data_facts(train: data.Dataset, near: float,
+               far: float) -> dict[str, Any]:
   """What a checkpoint must know of its training data to be rebuilt.
+
+  Args:
+    train: the training split.
+    near, far: the config's sample depth range (data.near, data.far).
 
   Returns:
     JSON-ready dict: data_dir, num_train_frames, expr_dim, height, width,
-    intrinsics, fingerprint, expr_mean and expr_std.
+    intrinsics, fingerprint, expr_mean, expr_std and box (`scene.head_box`:
+    the hash and occupancy grids' box, [2, 3]).
   """
   return {'data_dir': str(train.path), 'num_train_frames': train.num_frames,
           'expr_dim': train.expr_dim, 'height': train.height,
           'width': train.width,
           'intrinsics': [float(v) for v in train.intrinsics],
           'fingerprint': fingerprint(train),
-          **models.expression_stats(train.expressions)}
+          **models.expression_stats(train.expressions),
+          'box': scene.head_box(train.c2w, train.intrinsics, train.height,
+                                train.width, near, far)}
 
 
 def construct_model(config: ml_collections.ConfigDict,
                     facts: dict[str, Any]) -> models.NerfaceModel:
   """The model of `config` for the data described by `facts`."""
   return models.construct_model(config, facts['num_train_frames'],
-                                facts['expr_dim'], facts)
+                                facts['expr_dim'], facts, facts.get('box'))
 
 
 def device_data(dataset: data.Dataset,
@@ -141,7 +150,7 @@ def setup(config: ml_collections.ConfigDict, mesh=None,
   """
   config_lib.validate(config)
   splits = load_data(config) if splits is None else splits
-  facts = data_facts(splits['train'])
+  facts = data_facts(splits['train'], config.data.near, config.data.far)
   return Experiment(config=config, splits=splits, facts=facts,
                     model=construct_model(config, facts),
                     tx=train_state.make_optimizer(config),

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
-from scipy import optimize
 from skimage import measure
 import trimesh
 
@@ -52,6 +51,7 @@ from nerface_jax import errors
 from nerface_jax import images
 from nerface_jax import models
 from nerface_jax import render_modes
+from nerface_jax import scene
 from nerface_jax import types
 
 # The surface's density (sigma, per unit of world length: the ray parameter
@@ -208,74 +208,6 @@ def avatar_field(avatar: avatar_lib.Avatar, expression: np.ndarray,
 
 # ---------------------------------------------------------------------------
 # Region and grid.
-
-
-def frustum_overlap(c2w: np.ndarray, intrinsics: np.ndarray, height: int,
-                    width: int, near: float,
-                    far: float) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """The bounding box of the points every camera sees between near and far.
-
-  A point is seen by a camera when it projects onto the image (pixel
-  positions 0 .. W-1, 0 .. H-1: the rays of training) at a depth in
-  [near, far]. Each camera's set is a convex frustum of six half-spaces, so
-  the overlap is convex and its extremes along x, y and z are six linear
-  programmes.
-
-  Args:
-    c2w: float [F, 4, 4] cameras.
-    intrinsics: float [4] (fx, fy, cx, cy) as in the dataset.
-    height: H.
-    width: W.
-    near: nearest depth.
-    far: farthest depth.
-
-  Returns:
-    (lo, hi) float64 [3] each, or None when the frusta have no common point.
-  """
-  c2w = np.asarray(c2w, np.float64).reshape(-1, 4, 4)
-  fx, fy, cx, cy = (float(v) for v in intrinsics)
-  # Camera-space x / depth and y / depth at the image's edges.
-  us = sorted(((0.0 - width * cx) / fx, (width - 1.0 - width * cx) / fx))
-  vs = sorted((-(0.0 - height * cy) / fy, -(height - 1.0 - height * cy) / fy))
-  rows, bounds = [], []
-  for pose in c2w:
-    r, t = pose[:3, :3], pose[:3, 3]
-    ax, ay, az = r[:, 0], r[:, 1], r[:, 2]  # p_cam_k = a_k . (p - t).
-    # depth = -z_cam in [near, far]; u_min depth <= x_cam <= u_max depth.
-    for a, b in ((az, -near), (-az, far),
-                 (ax + us[1] * az, 0.0), (-ax - us[0] * az, 0.0),
-                 (ay + vs[1] * az, 0.0), (-ay - vs[0] * az, 0.0)):
-      rows.append(a)
-      bounds.append(a @ t + b)
-  a_ub, b_ub = np.asarray(rows), np.asarray(bounds)
-  lo, hi = np.zeros(3), np.zeros(3)
-  for k in range(3):
-    for sign, out in ((1.0, lo), (-1.0, hi)):
-      cost = np.zeros(3)
-      cost[k] = sign
-      result = optimize.linprog(cost, A_ub=a_ub, b_ub=b_ub,
-                                bounds=[(None, None)] * 3, method='highs')
-      if result.status != 0:
-        return None
-      out[k] = result.x[k]
-  return lo, hi
-
-
-def head_region(c2w: np.ndarray, intrinsics: np.ndarray, height: int,
-                width: int, near: float,
-                far: float) -> tuple[np.ndarray, np.ndarray]:
-  """The region to mesh: `frustum_overlap`, or, when the cameras share no
-  view, the cube around `edits.head_centre` of half-side (far - near) / 2.
-
-  Returns:
-    (lo, hi) float64 [3] each.
-  """
-  box = frustum_overlap(c2w, intrinsics, height, width, near, far)
-  if box is not None and np.all(box[1] > box[0]):
-    return box
-  centre = edits.head_centre(np.asarray(c2w, np.float64).reshape(-1, 4, 4))
-  radius = 0.5 * (far - near)
-  return centre - radius, centre + radius
 
 
 @dataclasses.dataclass(frozen=True)
@@ -850,7 +782,7 @@ def export(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
       train split), else `Avatar.shared_code`'s choice.
     components: 'largest' or 'all' (`extract_surface`).
     box: (lo, hi) float [3] each: the region in world coordinates instead of
-      `head_region`'s.
+      `scene.head_region`'s.
     stream: where progress goes.
 
   Returns:
@@ -879,7 +811,7 @@ def export(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
   out = render_modes.prepare_output(out)
   config = avatar.config
   if box is None:
-    box = head_region(train.c2w, train.intrinsics, train.height, train.width,
+    box = scene.head_region(train.c2w, train.intrinsics, train.height, train.width,
                       config.data.near, config.data.far)
   region = tuple(np.asarray(r, np.float64) for r in box)
   params = jax.device_put(avatar.host_params)  # Once for every mesh.

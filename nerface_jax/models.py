@@ -1,4 +1,4 @@
-"""The NeRFace networks: conditioned MLPs, the latent table and the model.
+"""The NeRFace networks: conditioned fields, the latent table and the model.
 
 This is the only Flax file of the package. It owns the parameters and calls
 the pure functions of `encoding`, `sampling` and `rendering`.
@@ -17,6 +17,8 @@ import numpy as np
 
 from nerface_jax import config_lib
 from nerface_jax import encoding
+from nerface_jax import hashgrid
+from nerface_jax import occupancy
 from nerface_jax import rendering
 from nerface_jax import sampling
 from nerface_jax import types
@@ -100,6 +102,23 @@ def _flat(a: jax.Array, dtype: Dtype) -> jax.Array:
   return a.astype(dtype).reshape(-1, a.shape[-1])
 
 
+def _check_field_inputs(positions: jax.Array, condition: jax.Array,
+                        viewdirs: jax.Array):
+  """Raises ValueError unless positions [R, S, 3], condition [R, C] and
+  viewdirs [R, 3] agree (the inputs of every field)."""
+  if positions.ndim != 3 or positions.shape[-1] != 3:
+    raise ValueError(
+        f'positions: expected shape [R, S, 3], got {positions.shape}.')
+  if condition.ndim != 2 or condition.shape[0] != positions.shape[0]:
+    raise ValueError(
+        f'condition: expected shape [R, C] with R = {positions.shape[0]}, '
+        f'got {condition.shape}.')
+  if viewdirs.shape != (positions.shape[0], 3):
+    raise ValueError(
+        f'viewdirs: expected shape [R, 3] = {(positions.shape[0], 3)}, got '
+        f'{viewdirs.shape}.')
+
+
 class ConditionedMLP(nn.Module):
   """The NeRFace radiance field: position + per-ray condition -> rgb, density.
 
@@ -146,17 +165,7 @@ class ConditionedMLP(nn.Module):
       rgb: float32 [R, S, 3] colour in (0, 1).
       raw_density: float32 [R, S] density before the activation.
     """
-    if positions.ndim != 3 or positions.shape[-1] != 3:
-      raise ValueError(
-          f'positions: expected shape [R, S, 3], got {positions.shape}.')
-    if condition.ndim != 2 or condition.shape[0] != positions.shape[0]:
-      raise ValueError(
-          f'condition: expected shape [R, C] with R = {positions.shape[0]}, '
-          f'got {condition.shape}.')
-    if viewdirs.shape != (positions.shape[0], 3):
-      raise ValueError(
-          f'viewdirs: expected shape [R, 3] = {(positions.shape[0], 3)}, got '
-          f'{viewdirs.shape}.')
+    _check_field_inputs(positions, condition, viewdirs)
     dt = self.compute_dtype
     # Encode in float32: sin(2^9 x) in bfloat16 would lose the phase.
     x = encoding.positional_encoding(positions.astype(jnp.float32),
@@ -190,6 +199,87 @@ class ConditionedMLP(nn.Module):
     # The sigmoid in float32 keeps colours near 0 and 1 distinguishable.
     rgb = jax.nn.sigmoid(logits.astype(jnp.float32))
     return rgb, raw_density.astype(jnp.float32)
+
+
+class HashField(nn.Module):
+  """A hash-grid radiance field conditioned per ray (`model.field = 'hash'`).
+
+  The position goes through a multiresolution hash encoding (`hashgrid`,
+  tables float32 whatever the compute dtype); a small density MLP takes the
+  encoding ++ the per-ray condition (expression and gamma, applied once per
+  ray as in ConditionedMLP) and gives the raw density and a geometry feature;
+  a small colour MLP takes the feature ++ PE(view direction). Outside the
+  grid's box the density is zero: the encoding there would repeat the box's
+  faces.
+
+  Attributes:
+    grid: the hash grid's static description (hashgrid.GridSpec).
+    features: features per level C.
+    box_min, box_max: the grid's box in world coordinates (3 floats each).
+    width: width of the density MLP.
+    depth: hidden Dense+ReLU layers of the density MLP (at least 1).
+    geo_features: width of the feature passed to the colour MLP.
+    color_width, color_depth: the colour MLP (Dense+ReLU layers, >= 1).
+    dir_freqs: octaves of the view direction (without raw input).
+    use_viewdirs: feed the encoded view direction to the colour MLP.
+    compute_dtype: dtype of the MLP matmuls.
+  """
+  grid: hashgrid.GridSpec
+  box_min: Tuple[float, float, float]
+  box_max: Tuple[float, float, float]
+  features: int = 2
+  width: int = 64
+  depth: int = 1
+  geo_features: int = 15
+  color_width: int = 64
+  color_depth: int = 2
+  dir_freqs: int = 4
+  use_viewdirs: bool = True
+  compute_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, positions: jax.Array, condition: jax.Array,
+               viewdirs: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Evaluates the field at every sample (shapes as ConditionedMLP).
+
+    Args:
+      positions: float32 [R, S, 3] sample positions.
+      condition: float32 [R, C] per-ray conditioning (C may be 0).
+      viewdirs: float32 [R, 3] unit view directions.
+
+    Returns:
+      rgb: float32 [R, S, 3] colour in (0, 1).
+      raw_density: float32 [R, S] density before the activation; -1e4
+        (zero density after any noise) outside the box.
+    """
+    _check_field_inputs(positions, condition, viewdirs)
+    dt = self.compute_dtype
+    grid = self.grid
+    tables = self.param(
+        'tables',
+        lambda key: hashgrid.init_tables(key, grid.num_levels, self.features,
+                                         grid.sizes))
+    unit = hashgrid.normalize(positions, self.box_min, self.box_max)
+    inside = jnp.all((unit >= 0.0) & (unit <= 1.0), axis=-1)
+    x = hashgrid.encode(unit, tables, grid).astype(dt)
+    h = nn.relu(_SplitDense(self.width, dt, name='density_0')(x, condition))
+    for i in range(1, self.depth):
+      h = nn.relu(_SplitDense(self.width, dt, name=f'density_{i}')(h))
+    out = _SplitDense(1 + self.geo_features, dt, name='density_out')(h)
+    raw_density = jnp.where(inside, out[..., 0].astype(jnp.float32), -1e4)
+    feature = out[..., 1:]
+    if self.use_viewdirs:
+      d = encoding.positional_encoding(viewdirs.astype(jnp.float32),
+                                       self.dir_freqs, include_input=False)
+      h = _SplitDense(self.color_width, dt, name='color_0')(feature, d)
+    else:
+      h = _SplitDense(self.color_width, dt, name='color_0')(feature)
+    h = nn.relu(h)
+    for i in range(1, self.color_depth):
+      h = nn.relu(_SplitDense(self.color_width, dt, name=f'color_{i}')(h))
+    logits = _SplitDense(3, dt, name='rgb')(h)
+    rgb = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return rgb, raw_density
 
 
 class LatentTable(nn.Module):
@@ -239,8 +329,15 @@ class NerfaceModel(nn.Module):
     num_fine: extra inverse-CDF samples per ray.
     noise_std: std of the noise on raw density when a key is given.
     trunk_depth, trunk_width, skip_layer, color_width, color_depth, xyz_freqs,
-      dir_freqs: sizes of both ConditionedMLPs.
+      dir_freqs: sizes of both ConditionedMLPs (color_width, color_depth and
+      dir_freqs also of the hash fields' colour MLPs).
     compute_dtype: dtype of the MLP matmuls.
+    field: 'mlp' (ConditionedMLP, the original) or 'hash' (HashField) for
+      both the coarse and the fine level.
+    hash_grid: the hash fields' GridSpec (field 'hash').
+    box_min, box_max: the head box (the hash and occupancy grids'); needed
+      by field 'hash' and by an occupancy grid.
+    hash_features, hash_width, hash_depth, hash_geo_features: HashField sizes.
   """
   num_frames: int
   expr_dim: int
@@ -265,16 +362,37 @@ class NerfaceModel(nn.Module):
   xyz_freqs: int = 10
   dir_freqs: int = 4
   compute_dtype: Dtype = jnp.float32
+  field: str = 'mlp'
+  hash_grid: Optional[hashgrid.GridSpec] = None
+  box_min: Optional[Tuple[float, float, float]] = None
+  box_max: Optional[Tuple[float, float, float]] = None
+  hash_features: int = 2
+  hash_width: int = 64
+  hash_depth: int = 1
+  hash_geo_features: int = 15
 
   def setup(self):
-    mlp_kwargs = dict(
-        trunk_depth=self.trunk_depth, trunk_width=self.trunk_width,
-        skip_layer=self.skip_layer, color_width=self.color_width,
-        color_depth=self.color_depth, xyz_freqs=self.xyz_freqs,
-        dir_freqs=self.dir_freqs, use_viewdirs=self.use_viewdirs,
-        compute_dtype=self.compute_dtype)
-    self.coarse = ConditionedMLP(**mlp_kwargs)
-    self.fine = ConditionedMLP(**mlp_kwargs)
+    if self.field == 'hash':
+      if self.hash_grid is None or self.box_min is None:
+        raise ValueError("field 'hash' needs hash_grid, box_min and box_max.")
+      make = lambda: HashField(
+          grid=self.hash_grid, box_min=self.box_min, box_max=self.box_max,
+          features=self.hash_features, width=self.hash_width,
+          depth=self.hash_depth, geo_features=self.hash_geo_features,
+          color_width=self.color_width, color_depth=self.color_depth,
+          dir_freqs=self.dir_freqs, use_viewdirs=self.use_viewdirs,
+          compute_dtype=self.compute_dtype)
+    elif self.field == 'mlp':
+      make = lambda: ConditionedMLP(
+          trunk_depth=self.trunk_depth, trunk_width=self.trunk_width,
+          skip_layer=self.skip_layer, color_width=self.color_width,
+          color_depth=self.color_depth, xyz_freqs=self.xyz_freqs,
+          dir_freqs=self.dir_freqs, use_viewdirs=self.use_viewdirs,
+          compute_dtype=self.compute_dtype)
+    else:
+      raise ValueError(f"field must be 'mlp' or 'hash', got {self.field!r}.")
+    self.coarse = make()
+    self.fine = make()
     if self.use_latent:
       self.latent = LatentTable(self.num_frames, self.latent_dim)
 
@@ -325,7 +443,8 @@ class NerfaceModel(nn.Module):
             f'{value.shape}.')
 
   def __call__(
-      self, batch: types.Batch, key: Optional[jax.Array] = None
+      self, batch: types.Batch, key: Optional[jax.Array] = None,
+      grid: Optional[occupancy.Grid] = None
   ) -> Tuple[types.Renderings, types.Renderings]:
     """Renders the batch's rays with the coarse and the fine network.
 
@@ -337,19 +456,16 @@ class NerfaceModel(nn.Module):
         whole batch, or one key per ray [R, 2]: then every ray's randomness
         is its own, so results do not depend on how a global batch is split
         over devices.
+      grid: an occupancy grid; when given, the coarse samples are drawn
+        where it is occupied (`occupancy.sample`) instead of stratified over
+        [near, far]. The last sample stays at far (the background).
 
     Returns:
       coarse: Renderings over `num_coarse` samples per ray.
       fine: Renderings over `num_coarse + num_fine` sorted samples per ray.
     """
-    self._check(batch)
     num_rays = batch.frame.shape[0]
-    origins = batch.rays.origins.astype(jnp.float32)
-    directions = batch.rays.directions.astype(jnp.float32)
-    viewdirs = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
-    background = (batch.background.astype(jnp.float32)
-                  if self.use_background else None)
-    condition = self._condition(batch)
+    origins, directions, viewdirs, background, condition = self._inputs(batch)
 
     per_ray = key is not None and jnp.ndim(key) == 2
     if key is None:
@@ -375,9 +491,8 @@ class NerfaceModel(nn.Module):
                     noise_key, raw)
       return rendering.composite(rgb, sigma, t, directions, background)
 
-    shape = () if per_ray else (num_rays,)
-    t_coarse = keyed(lambda k: sampling.stratified(
-        k, self.near, self.far, shape, self.num_coarse), k_strat)
+    t_coarse = self.coarse_depths(origins, directions, k_strat, per_ray,
+                                  grid)
     coarse = render(self.coarse, t_coarse, k_noise_c)
     # resample stops the gradient: the fine level does not train the coarse
     # weights through the sample positions.
@@ -385,6 +500,115 @@ class NerfaceModel(nn.Module):
                    k_fine, t_coarse, coarse.weights)
     fine = render(self.fine, t_fine, k_noise_f)
     return coarse, fine
+
+  def _inputs(self, batch: types.Batch):
+    """Checked float32 origins, directions, unit viewdirs [R, 3], background
+    [R, 3] (None without one) and the condition [R, C] of a batch."""
+    self._check(batch)
+    origins = batch.rays.origins.astype(jnp.float32)
+    directions = batch.rays.directions.astype(jnp.float32)
+    viewdirs = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+    background = (batch.background.astype(jnp.float32)
+                  if self.use_background else None)
+    return origins, directions, viewdirs, background, self._condition(batch)
+
+  def fine_depths(self, batch: types.Batch,
+                  grid: Optional[occupancy.Grid] = None) -> jax.Array:
+    """The deterministic fine sample depths of `__call__` without a key.
+
+    The first pass of rendering in passes (`renderer`): the coarse level
+    runs on every ray, its weights place the fine samples.
+
+    Args:
+      batch: a Batch of R rays (as `__call__`).
+      grid: the occupancy grid guiding the coarse samples, or None.
+
+    Returns:
+      float32 [R, num_coarse + num_fine] sorted depths, the last at far.
+    """
+    origins, directions, viewdirs, background, condition = self._inputs(batch)
+    t = self.coarse_depths(origins, directions, None, False, grid)
+    positions = origins[:, None, :] + t[..., None] * directions[:, None, :]
+    rgb, raw = self.coarse(positions, condition, viewdirs)
+    coarse = rendering.composite(rgb, rendering.density(raw, None, 0.0), t,
+                                 directions, background)
+    return sampling.resample(None, t, coarse.weights, self.num_fine)
+
+  def fine_samples(self, batch: types.Batch,
+                   t: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """The fine level's colour and density at depths t of the batch's rays.
+
+    Args:
+      batch: a Batch of R rays.
+      t: float32 [R, K] depths.
+
+    Returns:
+      rgb float32 [R, K, 3] and sigma float32 [R, K] (no noise).
+    """
+    origins, directions, viewdirs, _, condition = self._inputs(batch)
+    positions = origins[:, None, :] + t[..., None] * directions[:, None, :]
+    rgb, raw = self.fine(positions, condition, viewdirs)
+    return rgb, rendering.density(raw, None, 0.0)
+
+  def coarse_depths(self, origins: jax.Array, directions: jax.Array,
+                    key: Optional[jax.Array], per_ray: bool,
+                    grid: Optional[occupancy.Grid]) -> jax.Array:
+    """float32 [R, num_coarse] sorted coarse sample depths of rays [R, 3].
+
+    Stratified over [near, far], or grid-guided with `grid`; `key` is one key,
+    one per ray ([R, 2], `per_ray`) or None (deterministic midpoints).
+    """
+    num_rays = origins.shape[0]
+    if grid is None:
+      draw = lambda k, shape: sampling.stratified(
+          k, self.near, self.far, shape, self.num_coarse)
+      if per_ray:
+        return jax.vmap(lambda k: draw(k, ()))(key)
+      return draw(key, (num_rays,))
+
+    def guided(k, o, d):
+      return occupancy.sample(k, grid, o, d, self.near, self.far,
+                              self.num_coarse)[0]
+    if per_ray:
+      return jax.vmap(lambda k, o, d: guided(k, o[None], d[None])[0])(
+          key, origins, directions)
+    return guided(key, origins, directions)
+
+  def densities(self, points: jax.Array, expression: jax.Array,
+                frame: jax.Array, latent: Optional[jax.Array] = None
+                ) -> jax.Array:
+    """The larger of the two levels' densities at points, for one frame.
+
+    What the occupancy grid is refreshed from: a cell must stay occupied if
+    either level puts matter there (the coarse level places the fine samples).
+
+    Args:
+      points: float32 [P, 3] world positions; P a multiple of 64.
+      expression: float32 [E] the frame's expression (unscaled).
+      frame: int32 [] its training frame (its gamma is looked up).
+      latent: optional float32 [L] gamma to use instead of the table's.
+
+    Returns:
+      float32 [P] sigma = relu(raw density), no noise.
+    """
+    rows = 64
+    num = points.shape[0]
+    positions = points.reshape(rows, num // rows, 3)
+    batch = types.Batch(
+        rays=types.Rays(origins=jnp.zeros((rows, 3), jnp.float32),
+                        directions=jnp.zeros((rows, 3), jnp.float32)),
+        rgb=jnp.zeros((rows, 3), jnp.float32),
+        background=jnp.zeros((rows, 3), jnp.float32),
+        expression=jnp.broadcast_to(expression, (rows,) + expression.shape),
+        frame=jnp.broadcast_to(frame, (rows,)).astype(jnp.int32),
+        latent=(None if latent is None else
+                jnp.broadcast_to(latent, (rows,) + latent.shape)))
+    condition = self._condition(batch)
+    viewdirs = jnp.broadcast_to(jnp.array([0.0, 0.0, -1.0], jnp.float32),
+                                (rows, 3))
+    sigma = [rendering.density(mlp(positions, condition, viewdirs)[1], None,
+                               0.0) for mlp in (self.coarse, self.fine)]
+    return jnp.maximum(*sigma).reshape(num)
 
 
 EXPR_NORMS = config_lib.CHOICES['model.expr_norm']
@@ -407,8 +631,8 @@ def expression_stats(expressions) -> dict[str, list[float]]:
 
 def construct_model(config: ml_collections.ConfigDict, num_frames: int,
                     expr_dim: int,
-                    expr_stats: Optional[dict[str, Any]] = None
-                    ) -> NerfaceModel:
+                    expr_stats: Optional[dict[str, Any]] = None,
+                    box: Optional[Any] = None) -> NerfaceModel:
   """Builds the NerfaceModel of `config` for a dataset.
 
   Args:
@@ -418,6 +642,9 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
     expr_dim: expression length E of the data.
     expr_stats: `expression_stats` of the training expressions; required by
       `model.expr_norm = 'standardize'`, ignored otherwise.
+    box: float [2, 3] (lower, upper corner) of the head volume, the hash
+      grid's and the occupancy grid's box (the data facts' 'box',
+      `scene.head_box`); required by `model.field = 'hash'`.
 
   Returns:
     An unbound NerfaceModel.
@@ -452,6 +679,23 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
     raise ValueError(
         f'config.data.background must be one of {sorted(_BACKGROUNDS)}; got '
         f'{config.data.background!r}.')
+  hash_args = {}
+  if box is not None:
+    # The occupancy grid spans it too, whatever the field.
+    lo, hi = (tuple(float(v) for v in corner) for corner in np.asarray(box))
+    hash_args = dict(box_min=lo, box_max=hi)
+  if m.field == 'hash':
+    if box is None:
+      raise ValueError(
+          "config.model.field = 'hash' needs the head box of the data (saved "
+          "with the checkpoint's data facts as 'box'); none was given.")
+    hash_args.update(
+        field='hash',
+        hash_grid=hashgrid.GridSpec.create(
+            m.hash_levels, m.hash_base_resolution, m.hash_max_resolution,
+            m.hash_log2_size),
+        hash_features=m.hash_features, hash_width=m.hash_width,
+        hash_depth=m.hash_depth, hash_geo_features=m.hash_geo_features)
   return NerfaceModel(
       num_frames=num_frames,
       expr_dim=expr_dim,
@@ -475,7 +719,8 @@ def construct_model(config: ml_collections.ConfigDict, num_frames: int,
       color_depth=m.color_depth,
       xyz_freqs=m.xyz_freqs,
       dir_freqs=m.dir_freqs,
-      compute_dtype=_DTYPES[m.compute_dtype])
+      compute_dtype=_DTYPES[m.compute_dtype],
+      **hash_args)
 
 
 def dummy_batch(num_rays: int, expr_dim: int) -> types.Batch:

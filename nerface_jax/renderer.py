@@ -19,7 +19,9 @@ import numpy as np
 
 from nerface_jax import camera
 from nerface_jax import models
+from nerface_jax import occupancy
 from nerface_jax import parallel
+from nerface_jax import rendering
 from nerface_jax import types
 
 
@@ -73,53 +75,163 @@ def dataset_inputs(dataset, index: int, latent: np.ndarray) -> FrameInputs:
                       dataset.height, dataset.width)
 
 
-def make_render_chunk(model: models.NerfaceModel, mesh) -> Callable[..., Any]:
-  """A jitted renderer of one chunk of pixels of one frame.
+def _frame_batch(pixels: jax.Array, inputs: FrameInputs) -> types.Batch:
+  """The Batch of rays through `pixels` int32 [C, 2] (column, row)."""
+  height, width = inputs.background.shape[:2]
+  num = pixels.shape[0]
+  rays = camera.generate_rays(pixels.astype(jnp.float32), inputs.intrinsics,
+                              inputs.c2w, height, width)
+  background = inputs.background[pixels[:, 1], pixels[:, 0]]
+  return types.Batch(
+      rays=rays,
+      rgb=jnp.zeros((num, 3), jnp.float32),
+      background=background.astype(jnp.float32) / 255.0,
+      expression=jnp.broadcast_to(inputs.expression,
+                                  (num,) + inputs.expression.shape),
+      frame=jnp.zeros((num,), jnp.int32),
+      latent=jnp.broadcast_to(inputs.latent, (num,) + inputs.latent.shape))
 
-  Args:
-    model: the NerfaceModel.
-    mesh: the device mesh; chunks are sharded over its 'data' axis.
 
-  Returns:
-    fn(params, pixels int32 [C, 2] (column, row), inputs: FrameInputs) ->
-    dict of float32 'rgb' [C, 3], 'depth' [C], 'acc' [C] (fine level), with
-    C a multiple of the device count.
-  """
-  def render(params, pixels, inputs: FrameInputs):
-    height, width = inputs.background.shape[:2]
-    num = pixels.shape[0]
-    rays = camera.generate_rays(pixels.astype(jnp.float32), inputs.intrinsics,
-                                inputs.c2w, height, width)
-    background = inputs.background[pixels[:, 1], pixels[:, 0]]
-    batch = types.Batch(
-        rays=rays,
-        rgb=jnp.zeros((num, 3), jnp.float32),
-        background=background.astype(jnp.float32) / 255.0,
-        expression=jnp.broadcast_to(inputs.expression,
-                                    (num,) + inputs.expression.shape),
-        frame=jnp.zeros((num,), jnp.int32),
-        latent=jnp.broadcast_to(inputs.latent, (num,) + inputs.latent.shape))
-    _, fine = model.apply({'params': params}, batch)
-    return {'rgb': fine.rgb, 'depth': fine.depth, 'acc': fine.acc}
-
+def _jit_sharded(fn, mesh, replicated_args: int, sharded_args: int):
+  """jit(fn) with its first `replicated_args` arguments replicated, the next
+  `sharded_args` and the outputs split over the mesh's 'data' axis."""
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(parallel.AXIS))
-  return jax.jit(render, in_shardings=(replicated, sharded, replicated),
-                 out_shardings=sharded)
+  return jax.jit(fn, in_shardings=(replicated,) * replicated_args +
+                 (sharded,) * sharded_args, out_shardings=sharded)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkFns:
+  """The jitted per-chunk programs of a model (compiled once per chunk size).
+
+  Each takes (params, inputs: FrameInputs, grid or None, ...per-ray arrays
+  [C, ...] sharded) and returns per-ray arrays sharded over 'data'.
+
+  Attributes:
+    full: (pixels int32 [C, 2]) -> {'rgb' [C, 3], 'depth' [C], 'acc' [C]},
+      the whole model (fine level).
+    hits: (pixels) -> {'hit' bool [C]}: the ray crosses an occupied cell.
+    depths: (pixels) -> {'t' float32 [C, S]}: the fine sample depths.
+    segment: (pixels, t [C, K + 1], trans [C]) -> {'rgb' [C, 3], 'depth'
+      [C], 'trans' [C]}: one run of the fine samples composited.
+    far: the model's far depth (where the background sits).
+    use_background: the model composites a background ('image' mode).
+  """
+  full: Callable[..., Any]
+  hits: Callable[..., Any]
+  depths: Callable[..., Any]
+  segment: Callable[..., Any]
+  far: float
+  use_background: bool
+
+
+def make_chunk_fns(model: models.NerfaceModel, mesh) -> ChunkFns:
+  """The jitted chunk programs of `model` on `mesh` (see ChunkFns)."""
+  apply = lambda params, *args, **kw: model.apply({'params': params}, *args,
+                                                  **kw)
+
+  def full(params, inputs, grid, pixels):
+    _, fine = apply(params, _frame_batch(pixels, inputs), None, grid)
+    return {'rgb': fine.rgb, 'depth': fine.depth, 'acc': fine.acc}
+
+  def hits(params, inputs, grid, pixels):
+    del params
+    rays = _frame_batch(pixels, inputs).rays
+    _, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
+                              model.near, model.far, 2)
+    return {'hit': hit}
+
+  def depths(params, inputs, grid, pixels):
+    return {'t': apply(params, _frame_batch(pixels, inputs), grid,
+                       method=models.NerfaceModel.fine_depths)}
+
+  def segment(params, inputs, grid, pixels, t, trans):
+    del grid
+    batch = _frame_batch(pixels, inputs)
+    rgb, sigma = apply(params, batch, t[:, :-1],
+                       method=models.NerfaceModel.fine_samples)
+    rgb_sum, depth_sum, trans_out = rendering.composite_segment(
+        rgb, sigma, t, batch.rays.directions, trans)
+    return {'rgb': rgb_sum, 'depth': depth_sum, 'trans': trans_out}
+
+  return ChunkFns(full=_jit_sharded(full, mesh, 3, 1),
+                  hits=_jit_sharded(hits, mesh, 3, 1),
+                  depths=_jit_sharded(depths, mesh, 3, 1),
+                  segment=_jit_sharded(segment, mesh, 3, 3),
+                  far=float(model.far), use_background=model.use_background)
 
 
 class RenderInterrupted(Exception):
   """`render_frame` stopped between chunks because `should_stop()` said so."""
 
 
-def render_frame(render_chunk: Callable[..., Any], params: Any,
-                 inputs: FrameInputs, height: int, width: int, chunk: int,
-                 mesh, should_stop: Optional[Callable[[], bool]] = None
-                 ) -> dict[str, np.ndarray]:
-  """Renders a whole frame on the host side of a chunked, sharded renderer.
+def _map_chunks(fn: Callable[..., Any], const: tuple, arrays: list,
+                chunk: int, mesh,
+                should_stop: Optional[Callable[[], bool]]
+                ) -> dict[str, np.ndarray]:
+  """Runs `fn(*const, *chunk_of_arrays)` over rays in fixed-size chunks.
 
   Args:
-    render_chunk: from `make_render_chunk`.
+    fn: a ChunkFns program.
+    const: its replicated leading arguments.
+    arrays: host arrays [N, ...] split into chunks along axis 0; padded with
+      copies of row 0 (a real ray, so padded lanes stay finite), whose
+      results are cut off.
+    chunk: rays per call, a multiple of the device count.
+    mesh: the device mesh.
+    should_stop: see `render_frame`.
+
+  Returns:
+    dict of host arrays [N, ...].
+  """
+  total = arrays[0].shape[0]
+  padded = -(-total // chunk) * chunk
+  arrays = [np.concatenate([a, np.repeat(a[:1], padded - total, axis=0)])
+            for a in arrays]
+  sharded = NamedSharding(mesh, P(parallel.AXIS))
+  outputs = []
+  for start in range(0, padded, chunk):
+    if should_stop is not None and outputs:
+      # Dispatch is asynchronous: wait for the chunk in flight, so that a
+      # stop arriving during it abandons the frame before the next one.
+      jax.block_until_ready(outputs[-1])
+      if should_stop():
+        raise RenderInterrupted(f'stopped after {len(outputs)} of '
+                                f'{padded // chunk} chunks')
+    pieces = [jax.device_put(a[start:start + chunk], sharded) for a in arrays]
+    out = fn(*const, *pieces)
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    # Kept on the device until all chunks are dispatched, so that copying
+    # results back never stalls the next chunk's computation.
+    outputs.append(out)
+  outputs = jax.device_get(outputs)
+  return {k: np.concatenate([o[k] for o in outputs])[:total]
+          for k in outputs[0]}
+
+
+# Rays whose transmittance falls below this stop being evaluated: what they
+# miss changes their pixel by less than this (colours are in [0, 1]).
+STOP_TRANSMITTANCE = 1e-3
+
+
+def render_frame(fns: ChunkFns, params: Any, inputs: FrameInputs,
+                 height: int, width: int, chunk: int, mesh,
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 grid: Optional[occupancy.Grid] = None,
+                 passes: int = 4) -> dict[str, np.ndarray]:
+  """Renders a whole frame on the host side of chunked, sharded programs.
+
+  Without a grid every pixel runs the whole model. With an occupancy grid:
+  rays that cross no occupied cell return their background pixel without a
+  network call; the others get their fine sample depths from a first pass,
+  then the fine samples are evaluated in `passes` runs front to back, each
+  over the rays still active (transmittance above STOP_TRANSMITTANCE),
+  compacted into full chunks.
+
+  Args:
+    fns: from `make_chunk_fns`.
     params: model parameters (replicated).
     inputs: FrameInputs of the frame.
     height: H.
@@ -128,8 +240,11 @@ def render_frame(render_chunk: Callable[..., Any], params: Any,
     mesh: the device mesh.
     should_stop: if given, asked before every chunk after the first, once
       the chunk before has finished (so a stop wastes at most one chunk's
-      work); True abandons the frame. Without it all chunks are dispatched
-      at once. With several processes, all must give the same answers.
+      work); True abandons the frame. Without it all chunks of a pass are
+      dispatched at once. With several processes, all must give the same
+      answers.
+    grid: the occupancy grid (replicated), or None.
+    passes: runs of fine samples with a grid (1: no early termination).
 
   Returns:
     {'rgb': float32 [H, W, 3], 'depth': float32 [H, W], 'acc': [H, W]}.
@@ -140,33 +255,65 @@ def render_frame(render_chunk: Callable[..., Any], params: Any,
   devices = mesh.devices.size
   chunk = -(-min(chunk, height * width) // devices) * devices
   pixels = np.asarray(camera.pixel_grid(height, width), np.int32).reshape(-1, 2)
-  total = pixels.shape[0]
-  # Padding repeats pixel (0, 0); its results are cut off below. One chunk
-  # shape means one compilation for every frame of every size-H x W split.
-  padded = -(-total // chunk) * chunk
-  pixels = np.concatenate([pixels, np.zeros((padded - total, 2), np.int32)])
-  sharded = NamedSharding(mesh, P(parallel.AXIS))
   inputs = parallel.replicate(inputs, mesh)
-  outputs = []
-  for start in range(0, padded, chunk):
-    if should_stop is not None and outputs:
-      # Dispatch is asynchronous: wait for the chunk in flight, so that a
-      # stop arriving during it abandons the frame before the next one.
-      jax.block_until_ready(outputs[-1])
-      if should_stop():
-        raise RenderInterrupted(f'stopped after {len(outputs)} of '
-                                f'{padded // chunk} chunks')
-    piece = jax.device_put(pixels[start:start + chunk], sharded)
-    out = render_chunk(params, piece, inputs)
-    if jax.process_count() > 1:
-      out = multihost_utils.process_allgather(out, tiled=True)
-    # Kept on the device until all chunks are dispatched, so that copying
-    # results back never stalls the next chunk's computation.
-    outputs.append(out)
-  outputs = jax.device_get(outputs)
-  joined = {k: np.concatenate([o[k] for o in outputs])[:total]
-            for k in outputs[0]}
-  return {k: v.reshape((height, width) + v.shape[1:]) for k, v in joined.items()}
+  if grid is None:
+    out = _map_chunks(fns.full, (params, inputs, None), [pixels], chunk,
+                      mesh, should_stop)
+  else:
+    out = _render_in_passes(fns, params, inputs, grid, pixels, chunk, mesh,
+                            should_stop, passes)
+  return {k: v.reshape((height, width) + v.shape[1:]) for k, v in out.items()}
+
+
+def _render_in_passes(fns: ChunkFns, params, inputs, grid, pixels, chunk,
+                      mesh, should_stop, passes) -> dict[str, np.ndarray]:
+  """`render_frame` with a grid: culling and early termination."""
+  run = lambda fn, arrays: _map_chunks(fn, (params, inputs, grid), arrays,
+                                       chunk, mesh, should_stop)
+  total = pixels.shape[0]
+  background = np.asarray(jax.device_get(inputs.background), np.float32)
+  background = background[pixels[:, 1], pixels[:, 0]] / 255.0
+  rgb = np.zeros((total, 3), np.float32)
+  depth = np.zeros((total,), np.float32)
+  trans = np.ones((total,), np.float32)
+  hit = np.flatnonzero(run(fns.hits, [pixels])['hit'])
+  if hit.size:
+    t = run(fns.depths, [pixels[hit]])['t']  # [A, S]
+    far = t[:, -1:]
+    use_background = fns.use_background
+    # With a background the last sample is the background itself (alpha 1):
+    # only the samples before it meet the network.
+    evaluated = t[:, :-1] if use_background else t
+    after = far if use_background else t[:, -1:] + rendering.FAR_INTERVAL
+    t_ext = np.concatenate([evaluated, after], axis=1)
+    num = evaluated.shape[1]
+    size = -(-num // passes)
+    # Pad to whole runs with zero-length intervals (they absorb nothing).
+    pad = size * passes - num
+    t_ext = np.concatenate([t_ext[:, :num], np.repeat(t_ext[:, num - 1:num],
+                                                      pad, axis=1),
+                            t_ext[:, num:]], axis=1)
+    active = np.arange(hit.size)
+    for p in range(passes):
+      if not active.size:
+        break
+      t_run = t_ext[active, p * size:(p + 1) * size + 1]
+      rays = hit[active]
+      res = run(fns.segment, [pixels[rays], t_run, trans[rays]])
+      rgb[rays] += res['rgb']
+      depth[rays] += res['depth']
+      trans[rays] = res['trans']
+      active = active[trans[rays] > STOP_TRANSMITTANCE]
+    if use_background:
+      depth[hit] += trans[hit] * far[:, 0]
+  if fns.use_background:
+    # What is left of every ray's light is the background's, at far (rays
+    # that cross no occupied cell see only it).
+    missed = np.ones((total,), bool)
+    missed[hit] = False
+    depth[missed] = fns.far
+    rgb += trans[:, None] * background
+  return {'rgb': rgb, 'depth': depth, 'acc': 1.0 - trans}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,30 +325,39 @@ class Renderer:
     params: parameters replicated over `mesh`.
     mesh: the device mesh.
     chunk: rays per jitted call (render.chunk).
-    render_chunk: from `make_render_chunk`; shared by `with_params` copies so
-      new parameters never recompile.
+    fns: from `make_chunk_fns`; shared by `with_params` copies so new
+      parameters never recompile.
+    grid: the occupancy grid (replicated) that culls and guides sampling, or
+      None.
   """
   model: models.NerfaceModel
   params: Any
   mesh: Any
   chunk: int
-  render_chunk: Callable[..., Any] = dataclasses.field(repr=False)
+  fns: ChunkFns = dataclasses.field(repr=False)
+  grid: Optional[occupancy.Grid] = None
 
   @classmethod
-  def create(cls, model: models.NerfaceModel, params: Any, mesh,
-             chunk: int) -> 'Renderer':
-    """Places host (or replicated device) parameters on `mesh`."""
+  def create(cls, model: models.NerfaceModel, params: Any, mesh, chunk: int,
+             grid: Optional[occupancy.Grid] = None) -> 'Renderer':
+    """Places host (or replicated device) parameters and grid on `mesh`."""
     return cls(model=model, params=parallel.replicate(params, mesh),
-               mesh=mesh, chunk=chunk,
-               render_chunk=make_render_chunk(model, mesh))
+               mesh=mesh, chunk=chunk, fns=make_chunk_fns(model, mesh),
+               grid=None if grid is None else parallel.replicate(grid, mesh))
 
-  def with_params(self, params: Any) -> 'Renderer':
-    """The same compiled renderer with other parameters."""
-    return dataclasses.replace(self,
-                               params=parallel.replicate(params, self.mesh))
+  def with_params(self, params: Any,
+                  grid: Optional[occupancy.Grid] = None) -> 'Renderer':
+    """The same compiled renderer with other parameters (and grid, when
+    given; else the grid stays)."""
+    grid = self.grid if grid is None else parallel.replicate(grid, self.mesh)
+    return dataclasses.replace(
+        self, params=parallel.replicate(params, self.mesh), grid=grid)
 
-  def __call__(self, inputs: FrameInputs, height: int,
-               width: int) -> dict[str, np.ndarray]:
-    """Renders one frame: see `render_frame`."""
-    return render_frame(self.render_chunk, self.params, inputs, height,
-                        width, self.chunk, self.mesh)
+  def __call__(self, inputs: FrameInputs, height: int, width: int,
+               chunk: Optional[int] = None,
+               should_stop: Optional[Callable[[], bool]] = None
+               ) -> dict[str, np.ndarray]:
+    """Renders one frame: see `render_frame` (chunk: default self.chunk)."""
+    return render_frame(self.fns, self.params, inputs, height, width,
+                        chunk or self.chunk, self.mesh, should_stop,
+                        grid=self.grid)

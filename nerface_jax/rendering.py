@@ -1,6 +1,6 @@
 """Volume-rendering quadrature with NeRFace's background at the ray's end."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import chex
 import jax
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from nerface_jax import types
 
 # The original NeRF's stand-in for an infinite last interval ('none' mode).
-_FAR_INTERVAL = 1e10
+FAR_INTERVAL = 1e10
 
 
 def density(raw: chex.Array, key: Optional[chex.PRNGKey],
@@ -71,7 +71,7 @@ def composite(rgb: chex.Array,
   norm = jnp.linalg.norm(directions, axis=-1, keepdims=True)
   delta = t[..., 1:] - t[..., :-1]
   delta = jnp.concatenate(
-      [delta, jnp.full_like(delta[..., :1], _FAR_INTERVAL)], axis=-1)
+      [delta, jnp.full_like(delta[..., :1], FAR_INTERVAL)], axis=-1)
   # Unnormalised directions: t is depth, the distance travelled is t * ||d||.
   tau = sigma * (delta * norm)
 
@@ -103,3 +103,42 @@ def composite(rgb: chex.Array,
   return types.Renderings(
       rgb=rgb_out, depth=depth, acc=acc, bg_weight=bg_weight, weights=weights,
       t=jnp.broadcast_to(t, weights.shape))
+
+
+def composite_segment(rgb: chex.Array, sigma: chex.Array, t: chex.Array,
+                      directions: chex.Array,
+                      trans_in: chex.Array) -> Tuple[chex.Array, chex.Array,
+                                                     chex.Array]:
+  """Composites one run of consecutive samples of rays (rendering in passes).
+
+  The samples of a ray split into runs composited one after the other give
+  `composite`'s result: with T_0 = 1 and T_{j+1} the `trans_out` of run j,
+  rgb = sum_j rgb_j + T_last * background (the last sample of `composite`
+  in 'image' mode), depth likewise with far, acc = 1 - T_last. A ray whose
+  T is negligible can stop: what it misses is at most T.
+
+  Args:
+    rgb: float [R, K, 3] colours of the run's K samples.
+    sigma: float [R, K] densities.
+    t: float [R, K + 1] their depths and the depth of the sample after the
+      run (for the last run of a ray without background, t[-1] + 1e10).
+    directions: float [R, 3] unnormalised ray directions.
+    trans_in: float [R] transmittance in front of the run.
+
+  Returns:
+    rgb_sum float32 [R, 3], depth_sum float32 [R] (the run's weighted
+    colour and depth) and trans_out float32 [R].
+  """
+  rgb = jnp.asarray(rgb, jnp.float32)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  t = jnp.asarray(t, jnp.float32)
+  norm = jnp.linalg.norm(jnp.asarray(directions, jnp.float32), axis=-1,
+                         keepdims=True)
+  tau = sigma * ((t[..., 1:] - t[..., :-1]) * norm)
+  tau_before = jnp.concatenate(
+      [jnp.zeros_like(tau[..., :1]), jnp.cumsum(tau[..., :-1], axis=-1)],
+      axis=-1)
+  weights = trans_in[..., None] * jnp.exp(-tau_before) * -jnp.expm1(-tau)
+  trans_out = trans_in * jnp.exp(-jnp.sum(tau, axis=-1))
+  return (jnp.sum(weights[..., None] * rgb, axis=-2),
+          jnp.sum(weights * t[..., :-1], axis=-1), trans_out)

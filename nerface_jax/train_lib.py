@@ -35,6 +35,7 @@ from nerface_jax import images
 from nerface_jax import latents
 from nerface_jax import losses
 from nerface_jax import models
+from nerface_jax import occupancy
 from nerface_jax import parallel
 from nerface_jax import renderer
 from nerface_jax import sampler
@@ -92,7 +93,7 @@ def latent_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
                    latent_reg: float, *, prior: str = 'norm',
-                   dropout: float = 0.0, noise: float = 0.0):
+                   dropout: float = 0.0, noise: float = 0.0, grid=None):
   """The training loss of a batch and its parts.
 
   Args:
@@ -104,6 +105,7 @@ def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
     prior: 'norm' or 'squared' (`losses.latent_prior`).
     dropout: probability of zeroing a ray's code (`perturb_codes`).
     noise: std of noise on the codes (`perturb_codes`).
+    grid: the occupancy grid guiding the coarse samples, or None.
 
   Returns:
     (loss float32 [], stats dict of float32 [] values).
@@ -115,7 +117,7 @@ def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
     if dropout or noise:
       # The prior sees the clean codes; only the renderer sees the corrupted.
       batch = batch.replace(latent=perturb_codes(codes, key, dropout, noise))
-  coarse, fine = model.apply({'params': params}, batch, key)
+  coarse, fine = model.apply({'params': params}, batch, key, grid)
   mse_coarse = losses.mse(coarse.rgb, batch.rgb)
   mse_fine = losses.mse(fine.rgb, batch.rgb)
   loss = mse_coarse + mse_fine
@@ -168,16 +170,59 @@ def make_train_step(config: ml_collections.ConfigDict,
     batch = sampler.gather_batch(device_data, mine(frame), mine(pixels))
     grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
     (_, stats), grads = grad_fn(state.params, model, batch, mine(ray_keys),
-                                latent_reg, **options)
+                                latent_reg, grid=state.occupancy, **options)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     stats = jax.lax.pmean(stats, parallel.AXIS)
     stats['psnr'] = losses.psnr(stats['mse_fine'])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grid = state.occupancy
+    if grid is not None:
+      grid = jax.lax.cond(
+          state.step % config.train.occupancy_every == 0,
+          lambda g: refresh(g, params, jax.random.fold_in(key, 1),
+                            device_data),
+          lambda g: g, grid)
+      stats['occupied'] = jnp.mean(grid.occupied.astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), stats
+                         opt_state=opt_state, occupancy=grid), stats
 
+  refresh = make_occupancy_refresh(config, model)
   return parallel.map_step(body, config.parallel.mode, mesh)
+
+
+def make_occupancy_refresh(config: ml_collections.ConfigDict,
+                           model: models.NerfaceModel):
+  """One refresh of the occupancy grid from the field being trained.
+
+  Returns:
+    refresh(grid, params, key, device_data) -> grid: the densities of both
+    levels at jittered cell centres, for the expression and code of one
+    random training frame; the grid's decayed running max over refreshes
+    makes the occupied set the union over the frames seen (a mouth that
+    opens in some frames stays occupied in all). Every device computes the
+    same refresh from replicated inputs, so the grid is the same on 1 or N
+    devices.
+  """
+  t = config.train
+  # occupancy.update counts refreshes; the config counts steps.
+  warmup = -(-t.occupancy_warmup // t.occupancy_every)
+  threshold = config.render.occupancy_threshold
+
+  def refresh(grid, params, key, device_data: sampler.DeviceData):
+    point_key, frame_key = jax.random.split(key)
+    points = occupancy.cell_centres(grid, point_key)
+    frame = jax.random.randint(frame_key, (), 0,
+                               device_data.expressions.shape[0])
+    sigma = model.apply({'params': params}, points,
+                        device_data.expressions[frame], frame,
+                        method=models.NerfaceModel.densities)
+    # sigma * cell side: how much of the light one cell absorbs.
+    side = jnp.max(grid.box_max - grid.box_min) / grid.resolution
+    return occupancy.update(grid, sigma * side, threshold=threshold,
+                            warmup_steps=warmup, dilate=1)
+
+  return refresh
 
 
 
@@ -203,7 +248,8 @@ class _Evaluator:
     self.frames = (np.linspace(0, val.num_frames - 1, count).round().astype(
         int).tolist() if count else [])
 
-  def __call__(self, params, step: int, writer, is_main: bool) -> dict:
+  def __call__(self, params, step: int, writer, is_main: bool,
+               grid=None) -> dict:
     if not self.frames:
       return {}
     choice = self.config.eval.latent
@@ -225,7 +271,9 @@ class _Evaluator:
       images.save_png(self.previews / f'step_{step:07d}_{name}.png', panel)
       writer.image(step, f'val/{name}', panel)
 
-    scores = evaluation.score_frames(self.render.with_params(host_params),
+    if grid is not None:
+      grid = parallel.to_host(grid)
+    scores = evaluation.score_frames(self.render.with_params(host_params, grid),
                                      self.val, code, self.frames, preview)
     row = {'val_psnr': scores['mean']['psnr']}
     if scores['mean'].get('lpips') is not None:
@@ -549,8 +597,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   del train, exp.splits['train']
   step_fn = make_train_step(config, model, tx, mesh)
   evaluator = _Evaluator(
-      config, renderer.Renderer.create(model, _host(state.params, mode), mesh,
-                                       config.render.chunk),
+      config, renderer.Renderer.create(
+          model, _host(state.params, mode), mesh, config.render.chunk,
+          None if state.occupancy is None else _host(state.occupancy, mode)),
       exp.splits.get('val'), workdir)
 
   writer = summary.EventWriter(workdir) if is_main else None
@@ -611,9 +660,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             f'saved. {_kept(last_saved, ckpt.directory)}'
             f'{_lower_lr_hint(workdir, last_saved)}')
       if eval_now:
-        row.update(evaluator(
-            parallel.unstack(state.params) if mode == 'pmap' else
-            state.params, step, writer, is_main))
+        local = parallel.unstack if mode == 'pmap' else (lambda t: t)
+        row.update(evaluator(local(state.params), step, writer, is_main,
+                             local(state.occupancy)))
       # The row goes out before the checkpoint: a kill between the two
       # resumes from the previous checkpoint and drops the row, instead of
       # resuming past a step whose row was never written.

@@ -486,9 +486,7 @@ class Viewer:
     render = self.avatar.renderer
     chunk = self.chunk_for(size)
     start = time.perf_counter()
-    out = renderer.render_frame(render.render_chunk, render.params, inputs,
-                                size.height, size.padded, chunk,
-                                render.mesh, should_stop)
+    out = render(inputs, size.height, size.padded, chunk, should_stop)
     seconds = time.perf_counter() - start
     compiled = self._record(size, chunk, seconds)
     image = images.to_uint8(out['rgb'][:, :size.width])

@@ -119,7 +119,7 @@ BAD_VALUES = [
      "expected one of 'shard_map', 'pmap' (did you mean 'shard_map'?)"),
     ('eval.latent', 'average',
      "expected one of 'fixed', 'zero', 'mean', 'optimize'."),
-    ('preset', 'fast', "expected one of 'paper', 'demo', 'tiny'."),
+    ('preset', 'turbo', "expected one of 'paper', 'demo', 'fast', 'tiny'."),
     ('parallel.mode', 3, "expected one of 'shard_map', 'pmap'."),
     # Counts that must be >= 1 (or >= 0, 3).
     ('train.batch_rays', 0, 'expected an integer >= 1.'),
@@ -265,13 +265,29 @@ def test_flatten_unflatten_and_to_dict_round_trip():
 
 # --- upgrade ------------------------------------------------------------------
 
+# Added with the hash field and the occupancy grid (after cb6912e).
+NEW_IN_HASH_FIELD = (
+    'model.field', 'model.hash_levels', 'model.hash_features',
+    'model.hash_log2_size', 'model.hash_base_resolution',
+    'model.hash_max_resolution', 'model.hash_width', 'model.hash_depth',
+    'model.hash_geo_features', 'render.occupancy',
+    'render.occupancy_resolution', 'render.occupancy_threshold',
+    'train.table_lr', 'train.adam_eps', 'train.warmup_steps',
+    'train.occupancy_every', 'train.occupancy_warmup')
+# Keys that only a feature added with them reads: any value is the old
+# behaviour, and upgrade takes the preset's.
+_READ_ONLY_BY_NEW_FEATURES = tuple(
+    k for k in NEW_IN_HASH_FIELD if k.startswith('model.hash_') or
+    k.startswith('train.occupancy_') or k.startswith('render.occupancy_'))
+
 # The key sets of configs/person.py at each commit that changed it, from
 # `git log -p -- configs/person.py`: the keys each version lacks, and its
 # values that the current presets no longer have ('*': every preset).
 _V0_MISSING = ('eval.preview_frames', 'eval.optimize_steps',
                'eval.optimize_rays', 'eval.optimize_lr', 'eval.optimize_batch',
                'train.latent_prior', 'train.latent_dropout',
-               'train.latent_noise', 'model.expr_norm', 'train.max_seconds')
+               'train.latent_noise', 'model.expr_norm', 'train.max_seconds',
+               *NEW_IN_HASH_FIELD)
 _DEMO_BEFORE_A8FFABC = {
     'render.num_coarse': 32, 'render.num_fine': 32, 'train.batch_rays': 1024,
     'train.max_steps': 3000, 'train.lr': 1e-3, 'train.lr_decay_steps': 3000,
@@ -293,6 +309,7 @@ HISTORY = {
     '3526f5f': (_V0_MISSING[8:], {'*': _THIRD_SCALE}),
     'a076581': (_V0_MISSING[9:], {'*': _THIRD_SCALE}),
     'a4154e9': (_V0_MISSING[9:], {}),
+    'cb6912e': (NEW_IN_HASH_FIELD, {}),
 }
 
 # What train.py saved at 2d98eed for the tiny preset, verbatim.
@@ -318,7 +335,9 @@ SAVED_2D98EED_TINY = json.loads("""
 # The behaviour of the code before each key existed.
 OLD_BEHAVIOUR = {'train.latent_prior': 'norm', 'train.latent_dropout': 0.0,
                  'train.latent_noise': 0.0, 'model.expr_norm': 'scale',
-                 'train.max_seconds': None}
+                 'train.max_seconds': None, 'model.field': 'mlp',
+                 'render.occupancy': False, 'train.table_lr': None,
+                 'train.adam_eps': 1e-8, 'train.warmup_steps': 0}
 
 
 def _saved_by(commit, preset):
@@ -345,8 +364,9 @@ def _check_upgrade_keeps_old_behaviour(saved, preset):
     if key in OLD_BEHAVIOUR:
       assert new[key] == OLD_BEHAVIOUR[key], key
     else:
-      # Evaluation settings of features the old code did not have.
-      assert key.startswith('eval.'), key
+      # Settings of features the old code did not have.
+      assert (key.startswith('eval.') or
+              key in _READ_ONLY_BY_NEW_FEATURES), key
       assert new[key] == _flat(preset)[key], key
   return new
 
@@ -365,7 +385,7 @@ def test_the_oldest_train_py_config_upgrades():
 def test_configs_of_every_version_upgrade_keeping_their_behaviour(commit,
                                                                   preset):
   new = _check_upgrade_keeps_old_behaviour(_saved_by(commit, preset), preset)
-  assert new['model.expr_scale'] == (1.0 if commit == 'a4154e9' else THIRD)
+  assert new['model.expr_scale'] == (1.0 if commit in ('a4154e9', 'cb6912e') else THIRD)
 
 
 def _git(*args):
@@ -377,11 +397,17 @@ def _git(*args):
 
 
 def _config_file_at(commit):
-  source = _git('show', f'{commit}:configs/person.py')
+  # Since the presets moved into the package, configs/person.py re-exports
+  # them: the presets of such a commit are in its nerface_jax/presets.py.
+  path = 'nerface_jax/presets.py'
+  source = _git('show', f'{commit}:{path}')
+  if source is None:
+    path = 'configs/person.py'
+    source = _git('show', f'{commit}:{path}')
   if source is None:
     pytest.skip(f'no git history with {commit} here')
   module = types.ModuleType(f'person_{commit}')
-  code = compile(source, f'{commit}:configs/person.py', 'exec')
+  code = compile(source, f'{commit}:{path}', 'exec')
   exec(code, module.__dict__)  # pylint: disable=exec-used
   return module
 
@@ -416,7 +442,9 @@ def test_every_key_added_since_the_first_version_has_an_upgrade_rule():
     if value is not config_lib.FROM_PRESET:
       assert config_lib.RULES[key].accepts(value), key
     else:
-      assert key.startswith('eval.'), key  # Only evaluation keys.
+      # Only evaluation keys and settings that only a new feature reads.
+      assert (key.startswith('eval.') or
+              key in _READ_ONLY_BY_NEW_FEATURES), key
 
 
 def test_upgrade_of_a_current_config_is_the_identity():
@@ -434,17 +462,17 @@ def test_upgrade_without_expr_scale_uses_the_original_third():
 
 def test_upgrade_of_an_unknown_preset_takes_paper_evaluation_settings():
   saved = _saved_by('2d98eed', 'paper')
-  saved['preset'] = 'fast'
+  saved['preset'] = 'turbo'
   assert config_lib.upgrade(saved)['eval']['optimize_steps'] == 200
 
 
 def test_upgrade_refuses_unknown_and_lost_keys():
   saved = _saved_by('3526f5f', 'demo')
-  saved['model']['field'] = 'hash'
+  saved['model']['warp'] = 'hash'
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.upgrade(saved)
   assert str(info.value) == (
-      "config.model.field = 'hash': unknown key in a saved config; it was "
+      "config.model.warp = 'hash': unknown key in a saved config; it was "
       'probably written by a newer version of nerface_jax.')
   saved = _saved_by('3526f5f', 'demo')
   del saved['model']['trunk_width']

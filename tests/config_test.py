@@ -49,7 +49,7 @@ def _lookup(config, dotted):
   return config
 
 
-@pytest.mark.parametrize('preset', ['paper', 'demo', 'tiny'])
+@pytest.mark.parametrize('preset', ['paper', 'demo', 'fast', 'tiny'])
 def test_presets_have_every_design_key(preset):
   config = _parse(f'--config={CONFIG_FILE}:{preset}')
   assert config.preset == preset
@@ -104,10 +104,10 @@ def _load_by_path():
 def test_config_file_re_exports_the_presets():
   module = _load_by_path()
   assert module.get_config is presets.get_config
-  assert module.PRESETS == presets.PRESETS == ('paper', 'demo', 'tiny')
+  assert module.PRESETS == presets.PRESETS == ('paper', 'demo', 'fast', 'tiny')
 
 
-@pytest.mark.parametrize('preset', ['paper', 'demo', 'tiny'])
+@pytest.mark.parametrize('preset', ['paper', 'demo', 'fast', 'tiny'])
 def test_config_flags_loads_each_preset_by_path(preset):
   # The parser behind --config=configs/person.py:<preset>, locked as train.py
   # asks; the result is the preset itself, and it validates.
@@ -125,7 +125,7 @@ def test_unknown_preset_is_one_line_naming_the_choices():
   assert '\n' not in message
   assert message == (
       "Unknown preset 'huge' for configs/person.py; choose one of paper, "
-      'demo, tiny (as --config=configs/person.py:demo).')
+      'demo, fast, tiny (as --config=configs/person.py:demo).')
   # config_flags wraps it with a traceback; our line is its last.
   with pytest.raises(flags.IllegalFlagValueError) as info:
     _parse(f'--config={CONFIG_FILE}:huge')

@@ -21,6 +21,7 @@ from nerface_jax import edits
 from nerface_jax import errors
 from nerface_jax import mesh
 from nerface_jax import rendering
+from nerface_jax import scene
 from nerface_jax import synthetic
 from nerface_jax import types
 
@@ -166,7 +167,7 @@ def test_frustum_overlap_is_the_box_of_points_all_cameras_see():
   size, near, far = 24, 0.2, 0.8
   c2w = synthetic.trajectory(12, seed=3).c2w
   intr = synthetic.default_intrinsics(size)
-  lo, hi = mesh.frustum_overlap(c2w, intr, size, size, near, far)
+  lo, hi = scene.frustum_overlap(c2w, intr, size, size, near, far)
   rng = np.random.default_rng(0)
   points = rng.uniform(-1.0, 1.0, (100_000, 3))
   seen = np.ones(len(points), bool)
@@ -183,7 +184,7 @@ def test_frustum_overlap_is_the_box_of_points_all_cameras_see():
   # Cameras looking in opposite directions share no point.
   turn = np.diag([-1.0, 1.0, -1.0])  # Half a turn about y.
   back = edits.rotate_about(c2w[0], turn, np.zeros(3))
-  assert mesh.frustum_overlap(np.stack([c2w[0], back]), intr, size, size,
+  assert scene.frustum_overlap(np.stack([c2w[0], back]), intr, size, size,
                               0.2, 0.3) is None
 
 

@@ -52,7 +52,7 @@ def test_with_params_reuses_the_compiled_chunk(trained_avatar):
   render = trained_avatar.renderer
   other = render.with_params(jax.tree.map(np.zeros_like,
                                           trained_avatar.host_params))
-  assert other.render_chunk is render.render_chunk
+  assert other.fns is render.fns
   assert not np.allclose(jax.tree.leaves(other.params)[0],
                          jax.tree.leaves(render.params)[0])
 
@@ -62,7 +62,7 @@ def test_should_stop_interrupts_between_chunks(trained_avatar):
   dataset = avatar_lib.load_dataset(trained_avatar, 'val')
   inputs = renderer.dataset_inputs(dataset, 0,
                                    trained_avatar.shared_code('mean'))
-  args = (render.render_chunk, render.params, inputs, dataset.height,
+  args = (render.fns, render.params, inputs, dataset.height,
           dataset.width, 100, render.mesh)  # 576 pixels: 6 chunks.
   asked = []
 
