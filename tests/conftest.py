@@ -49,6 +49,43 @@ AVATAR_OVERRIDES = {
     'render.num_coarse': 16, 'render.num_fine': 16}
 
 
+# The hash field with its occupancy grid at tiny sizes; the grid refreshes
+# every step and culls from step 2, so four tiny steps exercise all of it.
+HASH_OVERRIDES = {
+    'model.field': 'hash', 'model.hash_levels': 4, 'model.hash_log2_size': 10,
+    'model.hash_base_resolution': 4, 'model.hash_max_resolution': 32,
+    'model.hash_width': 16, 'model.hash_geo_features': 7,
+    'render.occupancy': True, 'render.occupancy_resolution': 8,
+    'train.occupancy_every': 1, 'train.occupancy_warmup': 2,
+    'train.adam_eps': 1e-15}
+
+# A small hash-field avatar of the built-in person, trained to have a face.
+HASH_AVATAR_OVERRIDES = {
+    **HASH_OVERRIDES,
+    'data.synthetic_size': 24, 'data.synthetic_frames': 40,
+    'model.hash_levels': 8, 'model.hash_log2_size': 12,
+    'model.hash_max_resolution': 64, 'model.hash_width': 32,
+    'model.hash_geo_features': 15, 'model.color_width': 32,
+    'model.color_depth': 2, 'model.latent_dim': 8,
+    'render.occupancy_resolution': 16, 'train.occupancy_every': 8,
+    'train.occupancy_warmup': 64,
+    'train.max_steps': 300, 'train.lr': 1e-2, 'train.lr_decay_steps': 300,
+    'train.warmup_steps': 20, 'train.batch_rays': 512, 'train.log_every': 100,
+    'train.eval_every': 300, 'train.checkpoint_every': 300,
+    'render.num_coarse': 16, 'render.num_fine': 16}
+
+
+@pytest.fixture(scope='session')
+def trained_hash_avatar(tmp_path_factory):
+  """A trained hash-field avatar with its occupancy grid."""
+  from nerface_jax import avatar  # pylint: disable=g-import-not-at-top
+  from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('hash_avatar')
+  config = tiny_config(root / 'cache', **HASH_AVATAR_OVERRIDES)
+  train_lib.train_and_evaluate(config, str(root / 'work'))
+  return avatar.load(root / 'work')
+
+
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory):
   """The workdir of a trained avatar (shared by the rendering tests)."""

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import HASH_OVERRIDES
 from conftest import tiny_config
 from nerface_jax import checkpoint
 from nerface_jax import experiment
@@ -76,18 +77,23 @@ def test_run_writes_config_logs_events_previews_and_checkpoints(cache,
                               train.expressions.mean(0), rtol=1e-5, atol=1e-6)
 
 
+# The original field, and the hash field with an occupancy grid that is
+# refreshed every step and culls from step 2 (so a resume carries it over).
+FIELDS = {'mlp': {}, 'hash': HASH_OVERRIDES}
+
+
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
-def test_resumed_run_repeats_the_uninterrupted_one(cache, tmp_path, mode):
+@pytest.mark.parametrize('field', list(FIELDS))
+def test_resumed_run_repeats_the_uninterrupted_one(cache, tmp_path, mode,
+                                                   field):
   straight = tmp_path / 'straight'
   resumed = tmp_path / 'resumed'
+  over = {'parallel.mode': mode, **FIELDS[field]}
+  train_lib.train_and_evaluate(_config(cache, **over), str(straight))
   train_lib.train_and_evaluate(
-      _config(cache, **{'parallel.mode': mode}), str(straight))
-  train_lib.train_and_evaluate(
-      _config(cache, **{'train.max_steps': 2, 'parallel.mode': mode}),
-      str(resumed))
+      _config(cache, **{**over, 'train.max_steps': 2}), str(resumed))
   assert sorted(_losses(resumed)) == [1, 2]
-  train_lib.train_and_evaluate(
-      _config(cache, **{'parallel.mode': mode}), str(resumed))
+  train_lib.train_and_evaluate(_config(cache, **over), str(resumed))
   a, b = _losses(straight), _losses(resumed)
   assert sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in range(1, 5)],
@@ -205,18 +211,24 @@ def test_a_crash_after_the_last_checkpoint_leaves_no_duplicate_rows(
                              [a[s] for s in range(1, 5)], rtol=1e-6)
 
 
+@pytest.mark.parametrize('field', list(FIELDS))
 def test_a_run_resumed_on_another_device_count_repeats_the_run(cache,
-                                                               tmp_path):
+                                                               tmp_path,
+                                                               field):
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   one = Mesh(np.asarray(jax.devices()[:1]), ('data',))
   four = Mesh(np.asarray(jax.devices()[:4]), ('data',))
   assert four.devices.size == 4
+  over = FIELDS[field]
   straight = tmp_path / 'straight'
-  train_lib.train_and_evaluate(_config(cache), str(straight), mesh=four)
+  train_lib.train_and_evaluate(_config(cache, **over), str(straight),
+                               mesh=four)
   resumed = tmp_path / 'resumed'
-  train_lib.train_and_evaluate(_config(cache, **{'train.max_steps': 2}),
-                               str(resumed), mesh=one)
-  train_lib.train_and_evaluate(_config(cache), str(resumed), mesh=four)
+  train_lib.train_and_evaluate(
+      _config(cache, **{**over, 'train.max_steps': 2}), str(resumed),
+      mesh=one)
+  train_lib.train_and_evaluate(_config(cache, **over), str(resumed),
+                               mesh=four)
   a, b = _losses(straight), _losses(resumed)
   assert sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in range(1, 5)],
@@ -239,3 +251,10 @@ def test_max_seconds_stops_early_with_a_checkpoint(cache, tmp_path):
   assert last['step'] < 1000
   with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpt:
     assert ckpt.latest_step() == last['step']
+  # The checkpoint resumes: a later run goes on from it.
+  config.train.max_seconds = None
+  config.train.max_steps = last['step'] + 2
+  again = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert again['step'] == last['step'] + 2
+  assert sorted(_losses(tmp_path))[-3:] == [last['step'], last['step'] + 1,
+                                            last['step'] + 2]
