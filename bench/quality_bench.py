@@ -24,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import NamedTuple, Sequence
 
 
 def _set_cpu_devices(argv: list[str]):
@@ -106,23 +107,44 @@ def _nice_step(span: float, target: int = 6) -> float:
   return 10 * power
 
 
-def plot(rows: list[dict], path: pathlib.Path, title: str):
-  """Draws test (and train-batch) PSNR against training minutes as a PNG.
+class Curve(NamedTuple):
+  """One line of `plot_curves`.
+
+  Attributes:
+    label: legend text.
+    colour: RGB tuple.
+    points: (x, y) pairs in plot units, in drawing order; NaN y are skipped.
+    width: line width in pixels.
+  """
+  label: str
+  colour: tuple[int, int, int]
+  points: Sequence[tuple[float, float]]
+  width: int = 2
+
+
+def plot_curves(curves: Sequence[Curve], path: pathlib.Path, title: str,
+                x_label: str = 'training time (minutes, evaluation excluded)',
+                y_label: str = 'PSNR (dB)',
+                guides: Sequence[tuple[float, tuple[int, int, int], str]] = ()):
+  """Draws curves on one pair of axes as a PNG (Pillow only, no matplotlib).
 
   Args:
-    rows: dicts with 'train_seconds', 'test_psnr', 'train_psnr'.
-    path: the PNG to write.
+    curves: drawn in order (later ones on top); the legend lists them.
+    path: the PNG to write (its folder is created).
     title: line drawn above the plot.
+    x_label: text under the x axis (x starts at 0).
+    y_label: text above the y axis.
+    guides: (y, colour, label) horizontal dashed reference lines, labelled
+      at their left end.
   """
   width, height = 760, 460
   left, right, top, bottom = 70, 24, 40, 56
   image = Image.new('RGB', (width, height), 'white')
   draw = ImageDraw.Draw(image)
   font = ImageFont.load_default()
-  xs = [r['train_seconds'] / 60 for r in rows]
-  ys = [v for r in rows for v in (r['test_psnr'], r['train_psnr'])
-        if v == v]
-  x_max = max(xs[-1], 1e-3)
+  finite = [(x, y) for c in curves for x, y in c.points if y == y]
+  ys = [y for _, y in finite] + [y for y, _, _ in guides]
+  x_max = max([x for x, _ in finite] + [1e-3])
   y_lo, y_hi = math.floor(min(ys)) - 1, math.ceil(max(ys)) + 1
   to_px = lambda x, y: (
       left + (width - left - right) * x / x_max,
@@ -145,29 +167,53 @@ def plot(rows: list[dict], path: pathlib.Path, title: str):
     tick += step
   draw.rectangle([(left, top), (width - right, height - bottom)],
                  outline='black')
-  draw.text((width // 2 - 90, height - 24),
-            'training time (minutes, evaluation excluded)', fill='black',
-            font=font)
-  draw.text((8, top - 24), 'PSNR (dB)', fill='black', font=font)
+  draw.text((width // 2 - 3 * len(x_label), height - 24), x_label,
+            fill='black', font=font)
+  draw.text((8, top - 24), y_label, fill='black', font=font)
   draw.text((left, 10), title, fill='black', font=font)
 
+  for y, colour, label in guides:
+    # Pillow draws no dashed lines: 6-pixel dashes with 4-pixel gaps.
+    _, py = to_px(0, y)
+    for x0 in range(left, width - right, 10):
+      draw.line([(x0, py), (min(x0 + 6, width - right), py)], fill=colour)
+    draw.text((left + 4, py - 12), label, fill=colour, font=font)
+  for curve in curves:
+    points = [to_px(x, y) for x, y in curve.points if y == y]
+    if len(points) > 1:
+      draw.line(points, fill=curve.colour, width=curve.width)
+    radius = curve.width + 1
+    for px, py in points:
+      draw.ellipse([(px - radius, py - radius), (px + radius, py + radius)],
+                   fill=curve.colour)
+  # Bottom right: rising PSNR curves leave that corner empty.
+  text_width = max([int(draw.textlength(c.label, font=font)) for c in curves]
+                   + [0])
+  legend_x = width - right - text_width - 40
+  legend_y = height - bottom - 8 - 16 * len(curves)
+  for i, curve in enumerate(curves):
+    y = legend_y + 16 * i
+    draw.line([(legend_x, y + 6), (legend_x + 24, y + 6)], fill=curve.colour,
+              width=3)
+    draw.text((legend_x + 30, y), curve.label, fill='black', font=font)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image.save(path)
+
+
+def plot(rows: list[dict], path: pathlib.Path, title: str):
+  """Draws test (and train-batch) PSNR against training minutes as a PNG.
+
+  Args:
+    rows: dicts with 'train_seconds', 'test_psnr', 'train_psnr'.
+    path: the PNG to write.
+    title: line drawn above the plot.
+  """
   series = (('test_psnr', (20, 90, 200), 'test PSNR (mean over frames)'),
             ('train_psnr', (150, 150, 150), 'train batch PSNR (fine)'))
   # The train curve first, so the test curve is drawn on top.
-  for key, colour, _ in reversed(series):
-    points = [to_px(x, r[key]) for x, r in zip(xs, rows) if r[key] == r[key]]
-    if len(points) > 1:
-      draw.line(points, fill=colour, width=2)
-    for px, py in points:
-      draw.ellipse([(px - 3, py - 3), (px + 3, py + 3)], fill=colour)
-  legend_y = height - bottom - 40
-  for i, (_, colour, label) in enumerate(series):
-    y = legend_y + 16 * i
-    draw.line([(width - right - 220, y + 6), (width - right - 196, y + 6)],
-              fill=colour, width=3)
-    draw.text((width - right - 190, y), label, fill='black', font=font)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image.save(path)
+  plot_curves([Curve(label, colour,
+                     [(r['train_seconds'] / 60, r[key]) for r in rows])
+               for key, colour, label in reversed(series)], path, title)
 
 
 def write_csv(rows: list[dict], path: pathlib.Path):
