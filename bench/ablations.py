@@ -67,6 +67,7 @@ from configs import person
 from nerface_jax import avatar as avatar_lib
 from nerface_jax import data
 from nerface_jax import edits
+from nerface_jax import scene
 from nerface_jax import evaluation
 from nerface_jax import images
 from nerface_jax import losses
@@ -226,7 +227,7 @@ def jaw_control(avatar: avatar_lib.Avatar, train: data.Dataset,
                                config.data.synthetic_seed)['train']
   used = train_ids[:avatar.num_train_frames]
   appearance = trajectory.appearance[used].mean(axis=0)
-  centre = edits.head_centre(train.c2w)
+  centre = scene.head_centre(train.c2w)
   index = edits.frontal_index(train.c2w, centre)
   c2w = train.c2w[index].astype(np.float64)
   intrinsics = train.intrinsics.astype(np.float64)

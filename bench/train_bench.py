@@ -49,6 +49,7 @@ from configs import person  # pylint: disable=g-import-not-at-top
 from nerface_jax import models  # pylint: disable=g-import-not-at-top
 from nerface_jax import parallel  # pylint: disable=g-import-not-at-top
 from nerface_jax import sampler  # pylint: disable=g-import-not-at-top
+from nerface_jax import scene  # pylint: disable=g-import-not-at-top
 from nerface_jax import synthetic  # pylint: disable=g-import-not-at-top
 from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
 from nerface_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -152,7 +153,11 @@ class JaxStep:
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
     expr_dim = host_data.expressions.shape[1]
     num_frames = host_data.images.shape[0]
-    self.model = models.construct_model(config, num_frames, expr_dim)
+    # The head box of these cameras, for the hash field and occupancy grid.
+    box = scene.head_box(np.asarray(host_data.c2w),
+                         np.asarray(host_data.intrinsics), host_data.height,
+                         host_data.width, config.data.near, config.data.far)
+    self.model = models.construct_model(config, num_frames, expr_dim, box=box)
     tx = train_state.make_optimizer(config)
     state = train_state.create_train_state(config, self.model, expr_dim, tx)
     if config.parallel.mode == 'pmap':

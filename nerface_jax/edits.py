@@ -13,27 +13,6 @@ import numpy as np
 from nerface_jax import errors
 
 
-def head_centre(c2w: np.ndarray) -> np.ndarray:
-  """The point closest (least squares) to every camera's optical axis.
-
-  Args:
-    c2w: float [F, 4, 4] cameras that look at the head.
-
-  Returns:
-    float64 [3].
-  """
-  c2w = np.asarray(c2w, np.float64)
-  origins = c2w[:, :3, 3]
-  axes = -c2w[:, :3, 2]
-  axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
-  # Sum of projectors orthogonal to each axis; solvable unless all axes are
-  # parallel, in which case the pseudo-inverse picks the closest point.
-  projectors = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]
-  return np.linalg.lstsq(projectors.sum(0),
-                         np.einsum('fij,fj->i', projectors, origins),
-                         rcond=None)[0]
-
-
 def frontal_index(c2w: np.ndarray, centre: np.ndarray) -> int:
   """The frame whose viewing direction is closest to the mean one.
 

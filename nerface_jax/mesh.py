@@ -817,7 +817,7 @@ def export(avatar: avatar_lib.Avatar, out: os.PathLike[str] | str,
   params = jax.device_put(avatar.host_params)  # Once for every mesh.
   fields = [Field(avatar.model, params, np.asarray(e, np.float32),
                   np.asarray(code, np.float32)) for e in expressions]
-  front = edits.frontal_index(train.c2w, edits.head_centre(train.c2w))
+  front = edits.frontal_index(train.c2w, scene.head_centre(train.c2w))
   source = 'flag'
   if threshold is None:
     threshold = auto_threshold(fields[0], train.c2w[front], train.intrinsics,

@@ -19,6 +19,7 @@ import numpy as np
 from nerface_jax import avatar as avatar_lib
 from nerface_jax import data
 from nerface_jax import edits
+from nerface_jax import scene
 from nerface_jax import errors
 from nerface_jax import evaluation
 from nerface_jax import images
@@ -189,7 +190,7 @@ def render_orbit(avatar: avatar_lib.Avatar, out, split: str = 'train',
   out = prepare_output(out)
   dataset = avatar_lib.load_dataset(avatar, split)
   _checked_frame(dataset, split, frame)
-  centre = edits.head_centre(dataset.c2w)
+  centre = scene.head_centre(dataset.c2w)
   front = dataset.c2w[edits.frontal_index(dataset.c2w, centre)]
   return render_sequence(
       avatar, out, 'orbit', edits.orbit_poses(front, centre, num),
@@ -231,8 +232,8 @@ def render_reenact(avatar: avatar_lib.Avatar, out, driving: str,
                        expr_origin=f'the avatar (step {avatar.step})')
   except data.DatasetError as e:
     raise errors.RenderError(f'--driving: {e}') from None
-  target_centre = edits.head_centre(target.c2w)
-  driver_centre = edits.head_centre(driver.c2w)
+  target_centre = scene.head_centre(target.c2w)
+  driver_centre = scene.head_centre(driver.c2w)
   expressions, poses = edits.reenactment(
       target.expressions[edits.neutral_index(target.expressions, neutral)],
       target.c2w[edits.frontal_index(target.c2w, target_centre)],

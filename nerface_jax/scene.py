@@ -9,7 +9,26 @@ from typing import Optional
 import numpy as np
 from scipy import optimize
 
-from nerface_jax import edits
+
+def head_centre(c2w: np.ndarray) -> np.ndarray:
+  """The point closest (least squares) to every camera's optical axis.
+
+  Args:
+    c2w: float [F, 4, 4] cameras that look at the head.
+
+  Returns:
+    float64 [3].
+  """
+  c2w = np.asarray(c2w, np.float64)
+  origins = c2w[:, :3, 3]
+  axes = -c2w[:, :3, 2]
+  axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
+  # Sum of projectors orthogonal to each axis; solvable unless all axes are
+  # parallel, in which case the pseudo-inverse picks the closest point.
+  projectors = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]
+  return np.linalg.lstsq(projectors.sum(0),
+                         np.einsum('fij,fj->i', projectors, origins),
+                         rcond=None)[0]
 
 
 def frustum_overlap(c2w: np.ndarray, intrinsics: np.ndarray, height: int,
@@ -67,7 +86,7 @@ def head_region(c2w: np.ndarray, intrinsics: np.ndarray, height: int,
                 width: int, near: float,
                 far: float) -> tuple[np.ndarray, np.ndarray]:
   """The head region: `frustum_overlap`, or, when the cameras share no
-  view, the cube around `edits.head_centre` of half-side (far - near) / 2.
+  view, the cube around `head_centre` of half-side (far - near) / 2.
 
   Returns:
     (lo, hi) float64 [3] each.
@@ -75,7 +94,7 @@ def head_region(c2w: np.ndarray, intrinsics: np.ndarray, height: int,
   box = frustum_overlap(c2w, intrinsics, height, width, near, far)
   if box is not None and np.all(box[1] > box[0]):
     return box
-  centre = edits.head_centre(np.asarray(c2w, np.float64).reshape(-1, 4, 4))
+  centre = head_centre(np.asarray(c2w, np.float64).reshape(-1, 4, 4))
   radius = 0.5 * (far - near)
   return centre - radius, centre + radius
 

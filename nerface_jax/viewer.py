@@ -42,6 +42,7 @@ import numpy as np
 from nerface_jax import avatar as avatar_lib
 from nerface_jax import data
 from nerface_jax import edits
+from nerface_jax import scene
 from nerface_jax import errors
 from nerface_jax import images
 from nerface_jax import renderer
@@ -353,7 +354,7 @@ class Viewer:
     self.camera = CameraModel(np.asarray(train.intrinsics, np.float64),
                               train.height, train.width)
     self.background = train.background
-    self.centre = edits.head_centre(train.c2w)
+    self.centre = scene.head_centre(train.c2w)
     self.front = edits.frontal_index(train.c2w, self.centre)
     self.front_c2w = np.asarray(train.c2w[self.front], np.float64)
     self.neutral = edits.neutral_index(train.expressions, None)
@@ -382,7 +383,7 @@ class Viewer:
     except data.DatasetError as e:
       raise errors.RenderError(f'--driving: {e}') from None
     train = self.splits['train']
-    driver_centre = edits.head_centre(driver.c2w)
+    driver_centre = scene.head_centre(driver.c2w)
     expressions, poses = edits.reenactment(
         train.expressions[self.neutral], self.front_c2w, self.centre,
         driver.expressions,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nerface_jax import edits
+from nerface_jax import scene
 from nerface_jax import errors
 from nerface_jax import synthetic
 
@@ -15,7 +16,7 @@ def test_reenacting_with_own_data_reproduces_expressions_and_rotations():
   rng = np.random.default_rng(0)
   traj = synthetic.trajectory(20, seed=3)
   c2w, expressions = traj.c2w, traj.expressions
-  centre = edits.head_centre(c2w)
+  centre = scene.head_centre(c2w)
   front = edits.frontal_index(c2w, centre)
   neutral = edits.neutral_index(expressions, None)
   assert neutral == int(np.argmin(np.linalg.norm(expressions, axis=1)))
@@ -37,7 +38,7 @@ def test_reenacting_with_own_data_reproduces_expressions_and_rotations():
 
 def test_head_centre_and_orbit_keep_looking_at_the_head():
   traj = synthetic.trajectory(30, seed=1)
-  centre = edits.head_centre(traj.c2w)
+  centre = scene.head_centre(traj.c2w)
   # The synthetic head sits at the origin; the cameras look at about it.
   assert np.linalg.norm(centre) < 0.03
   poses = edits.orbit_poses(traj.c2w[0], centre, 16)
