@@ -216,14 +216,16 @@ def plot(rows: list[dict], path: pathlib.Path, title: str):
                for key, colour, label in reversed(series)], path, title)
 
 
-def write_csv(rows: list[dict], path: pathlib.Path):
+def write_csv(rows: list[dict], path: pathlib.Path, fields=FIELDS):
+  """Writes dict rows as CSV with the columns `fields` (floats with 4
+  decimals)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for row in rows:
       writer.writerow({k: (f'{row[k]:.4f}' if isinstance(row[k], float) else
-                           row[k]) for k in FIELDS})
+                           row[k]) for k in fields})
 
 
 def score_checkpoint(workdir: str, split: str):

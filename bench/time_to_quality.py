@@ -51,7 +51,6 @@ smoke-test the whole script in a few minutes; its figures mean nothing.
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import datetime
 import io
@@ -531,18 +530,6 @@ def psnr_at(rows: Sequence[dict[str, Any]], seconds: float
   return float(np.interp(seconds, times, values)), True
 
 
-def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str],
-              path: pathlib.Path):
-  """Writes dict rows as CSV (floats with 4 decimals)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f'{row[k]:.4f}' if isinstance(row[k], float) else
-                           row[k]) for k in fields})
-
-
 def _seconds(value: Optional[float]) -> str:
   if value is None or value != value:
     return 'n/a'
@@ -825,11 +812,11 @@ def main():
   def on_row(row):
     # Rewritten at every point: a long run killed half-way keeps its curve.
     rows.append(row)
-    write_csv(rows, CSV_FIELDS, csv_path)
+    quality_bench.write_csv(rows, csv_path, CSV_FIELDS)
 
   def on_render(row):
     render_rows.append(row)
-    write_csv(render_rows, RENDER_FIELDS, render_path)
+    quality_bench.write_csv(render_rows, render_path, RENDER_FIELDS)
 
   try:
     for case in cases:
