@@ -1,7 +1,7 @@
 """Seconds per rendered frame of the `paper` model at 512x512 and 256x256.
 
 Renders whole frames with the library's renderer (`renderer.render_frame`
-over `make_render_chunk`: chunks of `render.chunk` rays sharded over every
+over `make_chunk_fns`: chunks of `render.chunk` rays sharded over every
 device, 64 coarse + 64 fine samples, deterministic) and reports seconds per
 frame, rays/s and achieved GFLOP/s of the forward passes (layer shapes: the
 coarse network on 64 samples and the fine one on 128 per ray).
@@ -58,8 +58,14 @@ def frame_inputs(size: int, expr_dim: int, latent_dim: int,
       background=rng.integers(0, 256, (size, size, 3), np.uint8))
 
 
-def warm_up(render_chunk, params, inputs, chunk: int, mesh):
-  """Compiles the chunk renderer for this frame size (one chunk, untimed)."""
+def warm_up(fns, params, inputs, chunk: int, mesh, grid=None):
+  """Compiles the chunk renderer for this frame size (one chunk, untimed;
+  with an occupancy grid one whole frame, which compiles every pass)."""
+  if grid is not None:
+    size = inputs.background.shape[0]
+    renderer.render_frame(fns, params, inputs, size, size, chunk, mesh,
+                          grid=grid)
+    return
   devices = mesh.devices.size
   chunk = -(-chunk // devices) * devices
   size = inputs.background.shape[0]
@@ -67,10 +73,10 @@ def warm_up(render_chunk, params, inputs, chunk: int, mesh):
   pixels = np.resize(pixels, (chunk, 2))
   piece = jax.device_put(pixels, NamedSharding(mesh, P(parallel.AXIS)))
   jax.block_until_ready(
-      render_chunk(params, piece, parallel.replicate(inputs, mesh)))
+      fns.full(params, parallel.replicate(inputs, mesh), None, piece))
 
 
-def time_partial(render_chunk, params, inputs, size: int, chunk: int, mesh,
+def time_partial(fns, params, inputs, size: int, chunk: int, mesh,
                  max_chunks: int) -> tuple[float, int]:
   """(seconds of the first `max_chunks` chunks of a frame, chunks per frame)."""
   devices = mesh.devices.size
@@ -82,7 +88,7 @@ def time_partial(render_chunk, params, inputs, size: int, chunk: int, mesh,
   start = time.perf_counter()
   for k in range(min(max_chunks, total_chunks)):
     piece = np.resize(pixels[k * chunk:(k + 1) * chunk], (chunk, 2))
-    out = render_chunk(params, jax.device_put(piece, sharded), placed)
+    out = fns.full(params, placed, None, jax.device_put(piece, sharded))
     jax.device_get(out)
   return time.perf_counter() - start, total_chunks
 
@@ -107,7 +113,8 @@ def main():
   if args.workdir:
     avatar = avatar_lib.load(args.workdir, mesh=mesh)
     config, model, params = avatar.config, avatar.model, avatar.renderer.params
-    render_chunk, expr_dim = avatar.renderer.render_chunk, avatar.expr_dim
+    fns, expr_dim = avatar.renderer.fns, avatar.expr_dim
+    grid = avatar.renderer.grid
     source = f'trained avatar {args.workdir} (step {avatar.step})'
   else:
     config = person.get_config('paper')
@@ -116,7 +123,7 @@ def main():
     model = models.construct_model(config, 1, expr_dim)
     params = parallel.replicate(
         models.init_params(model, jax.random.PRNGKey(0), expr_dim), mesh)
-    render_chunk = renderer.make_render_chunk(model, mesh)
+    fns, grid = renderer.make_chunk_fns(model, mesh), None
     source = 'paper model, fresh weights'
   chunk = args.chunk or config.render.chunk
   r = config.render
@@ -135,7 +142,7 @@ def main():
   print('|---|---|---|---|---|---|')
   for size in (int(s) for s in args.sizes.split(',')):
     inputs = frame_inputs(size, expr_dim, config.model.latent_dim)
-    warm_up(render_chunk, params, inputs, min(chunk, size * size), mesh)
+    warm_up(fns, params, inputs, min(chunk, size * size), mesh, grid)
     rays = size * size
     flops = (model_bench.mlp_flops(config.model, cond_dim, rays,
                                    r.num_coarse)[0] +
@@ -143,7 +150,10 @@ def main():
                                    r.num_coarse + r.num_fine)[0])
     load = train_bench.load_average()
     if args.max_chunks:
-      part, total = time_partial(render_chunk, params, inputs, size, chunk,
+      if grid is not None:
+        raise SystemExit('--max_chunks times the plain chunk renderer; an '
+                         'avatar with an occupancy grid renders in passes.')
+      part, total = time_partial(fns, params, inputs, size, chunk,
                                  mesh, args.max_chunks)
       done = min(args.max_chunks, total)
       seconds = part * total / done
@@ -152,8 +162,8 @@ def main():
       times = []
       for _ in range(args.repeats):
         start = time.perf_counter()
-        out = renderer.render_frame(render_chunk, params, inputs, size,
-                                      size, chunk, mesh)
+        out = renderer.render_frame(fns, params, inputs, size, size, chunk,
+                                    mesh, grid=grid)
         times.append(time.perf_counter() - start)
         assert np.all(np.isfinite(out['rgb']))
       seconds = min(times)
