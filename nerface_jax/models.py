@@ -7,6 +7,7 @@ Every Dense layer is initialised like PyTorch's `nn.Linear` (kernel and bias
 uniform in +-1/sqrt(fan_in)), as the original NeRFace code was.
 """
 
+import math
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -583,7 +584,7 @@ class NerfaceModel(nn.Module):
     either level puts matter there (the coarse level places the fine samples).
 
     Args:
-      points: float32 [P, 3] world positions; P a multiple of 64.
+      points: float32 [P, 3] world positions.
       expression: float32 [E] the frame's expression (unscaled).
       frame: int32 [] its training frame (its gamma is looked up).
       latent: optional float32 [L] gamma to use instead of the table's.
@@ -591,8 +592,9 @@ class NerfaceModel(nn.Module):
     Returns:
       float32 [P] sigma = relu(raw density), no noise.
     """
-    rows = 64
     num = points.shape[0]
+    # Evaluated as rows of "rays" (the fields' [R, S, 3] layout).
+    rows = math.gcd(num, 64)
     positions = points.reshape(rows, num // rows, 3)
     batch = types.Batch(
         rays=types.Rays(origins=jnp.zeros((rows, 3), jnp.float32),
