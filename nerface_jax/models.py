@@ -120,6 +120,41 @@ def _check_field_inputs(positions: jax.Array, condition: jax.Array,
         f'{viewdirs.shape}.')
 
 
+def _color_branch(feature: jax.Array, viewdirs: jax.Array, width: int,
+                  depth: int, dir_freqs: int, use_viewdirs: bool,
+                  dtype: Dtype) -> jax.Array:
+  """The colour branch of both fields, called inside their compact method.
+
+  Its layers (color_0 .. color_{depth-1}, rgb) are created in the calling
+  module, so the parameter names are the calling field's own.
+
+  Args:
+    feature: [R, S, D] per-sample feature.
+    viewdirs: float32 [R, 3] unit view directions (ignored without
+      `use_viewdirs`).
+    width, depth: Dense+ReLU layers of the branch (depth >= 1).
+    dir_freqs: octaves of the view direction (without raw input).
+    use_viewdirs: feed PE(view direction) to the first layer.
+    dtype: compute dtype of the matmuls.
+
+  Returns:
+    float32 [R, S, 3] colour in (0, 1).
+  """
+  if use_viewdirs:
+    # The direction is per ray too, so it takes the per-ray path.
+    d = encoding.positional_encoding(viewdirs.astype(jnp.float32), dir_freqs,
+                                     include_input=False)
+    h = _SplitDense(width, dtype, name='color_0')(feature, d)
+  else:
+    h = _SplitDense(width, dtype, name='color_0')(feature)
+  h = nn.relu(h)
+  for i in range(1, depth):
+    h = nn.relu(_SplitDense(width, dtype, name=f'color_{i}')(h))
+  logits = _SplitDense(3, dtype, name='rgb')(h)
+  # The sigmoid in float32 keeps colours near 0 and 1 distinguishable.
+  return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
 class ConditionedMLP(nn.Module):
   """The NeRFace radiance field: position + per-ray condition -> rgb, density.
 
@@ -186,19 +221,8 @@ class ConditionedMLP(nn.Module):
     feature = _SplitDense(self.trunk_width, dt, name='feature')(h)
     raw_density = _SplitDense(1, dt, name='density')(feature)[..., 0]
 
-    if self.use_viewdirs:
-      # The direction is per ray too, so it takes the per-ray path.
-      d = encoding.positional_encoding(viewdirs.astype(jnp.float32),
-                                       self.dir_freqs, include_input=False)
-      h = _SplitDense(self.color_width, dt, name='color_0')(feature, d)
-    else:
-      h = _SplitDense(self.color_width, dt, name='color_0')(feature)
-    h = nn.relu(h)
-    for i in range(1, self.color_depth):
-      h = nn.relu(_SplitDense(self.color_width, dt, name=f'color_{i}')(h))
-    logits = _SplitDense(3, dt, name='rgb')(h)
-    # The sigmoid in float32 keeps colours near 0 and 1 distinguishable.
-    rgb = jax.nn.sigmoid(logits.astype(jnp.float32))
+    rgb = _color_branch(feature, viewdirs, self.color_width, self.color_depth,
+                        self.dir_freqs, self.use_viewdirs, dt)
     return rgb, raw_density.astype(jnp.float32)
 
 
@@ -269,17 +293,8 @@ class HashField(nn.Module):
     out = _SplitDense(1 + self.geo_features, dt, name='density_out')(h)
     raw_density = jnp.where(inside, out[..., 0].astype(jnp.float32), -1e4)
     feature = out[..., 1:]
-    if self.use_viewdirs:
-      d = encoding.positional_encoding(viewdirs.astype(jnp.float32),
-                                       self.dir_freqs, include_input=False)
-      h = _SplitDense(self.color_width, dt, name='color_0')(feature, d)
-    else:
-      h = _SplitDense(self.color_width, dt, name='color_0')(feature)
-    h = nn.relu(h)
-    for i in range(1, self.color_depth):
-      h = nn.relu(_SplitDense(self.color_width, dt, name=f'color_{i}')(h))
-    logits = _SplitDense(3, dt, name='rgb')(h)
-    rgb = jax.nn.sigmoid(logits.astype(jnp.float32))
+    rgb = _color_branch(feature, viewdirs, self.color_width, self.color_depth,
+                        self.dir_freqs, self.use_viewdirs, dt)
     return rgb, raw_density
 
 
