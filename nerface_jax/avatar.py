@@ -102,10 +102,12 @@ class Avatar:
       trained: whether `dataset` is the avatar's own training split.
       progress: fitting progress for 'optimize'.
     """
+    grid = self.renderer.grid
     return latents.split_codes(
         self.config, self.model, self.host_params, dataset,
         choice or self.config.eval.latent,
-        self.num_train_frames if trained else 0, progress)
+        self.num_train_frames if trained else 0, progress,
+        grid=None if grid is None else jax.device_get(grid))
 
   def render(self, inputs: renderer.FrameInputs, height: Optional[int] = None,
              width: Optional[int] = None) -> dict[str, np.ndarray]:

@@ -320,7 +320,7 @@ RULES: dict[str, Rule] = {
     # --- render
     # Resampling uses the weights of the inner coarse samples: at least 3.
     'render.num_coarse': Int(3),
-    'render.num_fine': _COUNT,
+    'render.num_fine': Int(0),  # 0: one level (no coarse network).
     'render.noise_std': _NON_NEGATIVE,
     'render.chunk': _COUNT,
     'render.occupancy': Bool(),

@@ -18,6 +18,7 @@ import optax
 from nerface_jax import data
 from nerface_jax import losses
 from nerface_jax import models
+from nerface_jax import occupancy
 from nerface_jax import sampler
 
 # The codes of one shared choice; 'optimize' is per frame.
@@ -71,19 +72,23 @@ def shared_code(params: Any, choice: str, latent_frame: int = 0,
 
 
 def make_latent_fitter(config: ml_collections.ConfigDict,
-                       model: models.NerfaceModel,
-                       params: Any) -> Callable[..., Any]:
+                       model: models.NerfaceModel, params: Any,
+                       grid: Optional[occupancy.Grid] = None
+                       ) -> Callable[..., Any]:
   """A jitted fit of gamma for a batch of frames, networks frozen.
 
   Every step draws `eval.optimize_rays` bbox-weighted rays from each frame
   and takes an Adam step on the codes only; frames are independent, so one
-  batch fits K codes at once.
+  batch fits K codes at once. The rays are sampled as in training: guided by
+  the avatar's occupancy grid when it has one.
 
   Returns:
     fit(device_data, frames int32 [K], init float32 [K, L], key) ->
     (codes float32 [K, L], losses float32 [steps]).
   """
   rays = config.eval.optimize_rays
+  if grid is not None:  # Host arrays would be indexed by tracers.
+    grid = jax.tree_util.tree_map(jnp.asarray, grid)
   tx = optax.adam(config.eval.optimize_lr)
   reg = config.train.latent_reg
   prior = config.train.latent_prior
@@ -95,9 +100,9 @@ def make_latent_fitter(config: ml_collections.ConfigDict,
 
     def loss_fn(codes, batch, model_key):
       batch = batch.replace(latent=codes[local])
-      coarse, fine = model.apply({'params': params}, batch, model_key)
-      mse = (losses.mse(coarse.rgb, batch.rgb) +
-             losses.mse(fine.rgb, batch.rgb))
+      coarse, fine = model.apply({'params': params}, batch, model_key, grid)
+      mse = sum(losses.level_mses(None if coarse is None else coarse.rgb,
+                                  fine.rgb, batch.rgb).values())
       return mse + reg * losses.latent_prior(codes, prior)
 
     def step(carry, step_key):
@@ -120,8 +125,8 @@ def optimize_latents(config: ml_collections.ConfigDict,
                      model: models.NerfaceModel, params: Any,
                      dataset: data.Dataset,
                      frames: Optional[np.ndarray] = None,
-                     progress: Optional[Callable[[int, int], None]] = None
-                     ) -> np.ndarray:
+                     progress: Optional[Callable[[int, int], None]] = None,
+                     grid: Optional[occupancy.Grid] = None) -> np.ndarray:
   """Fits gamma to frames of `dataset` (to their pixels), networks frozen.
 
   Args:
@@ -132,6 +137,7 @@ def optimize_latents(config: ml_collections.ConfigDict,
     dataset: the frames' images, cameras and expressions.
     frames: int [K] indices to fit (default: all).
     progress: called with (frames done, total).
+    grid: the avatar's occupancy grid (host arrays), or None.
 
   Returns:
     float32 [K, L] codes, fitted starting from the mean training code.
@@ -144,7 +150,7 @@ def optimize_latents(config: ml_collections.ConfigDict,
     return np.zeros((len(frames), dim), np.float32)
   device_data = jax.device_put(sampler.from_dataset(dataset,
                                                      config.data.bbox_weight))
-  fit = make_latent_fitter(config, model, params)
+  fit = make_latent_fitter(config, model, params, grid)
   batch = config.eval.optimize_batch
   start_code = shared_code(params, 'mean')
   codes = []
@@ -168,7 +174,8 @@ def optimize_latents(config: ml_collections.ConfigDict,
 def split_codes(config: ml_collections.ConfigDict, model: models.NerfaceModel,
                 params: Any, dataset: data.Dataset, choice: str,
                 trained_rows: int = 0,
-                progress: Optional[Callable[[int, int], None]] = None
+                progress: Optional[Callable[[int, int], None]] = None,
+                grid: Optional[occupancy.Grid] = None
                 ) -> tuple[np.ndarray, str]:
   """One code per frame of `dataset`.
 
@@ -184,6 +191,7 @@ def split_codes(config: ml_collections.ConfigDict, model: models.NerfaceModel,
       `data.train_fraction < 1` the training split has more frames than
       the table has rows, and the rest are treated as unseen.
     progress: for 'optimize', called with (frames done, total).
+    grid: for 'optimize', the avatar's occupancy grid (host), or None.
 
   Returns:
     (float32 [F, L] codes, what was used: 'trained', `choice`, or
@@ -194,7 +202,8 @@ def split_codes(config: ml_collections.ConfigDict, model: models.NerfaceModel,
   own = 0 if table is None else min(trained_rows, num, table.shape[0])
   rest = np.arange(own, num)
   if choice == 'optimize':
-    others = optimize_latents(config, model, params, dataset, rest, progress)
+    others = optimize_latents(config, model, params, dataset, rest, progress,
+                              grid)
   else:
     code = shared_code(params, choice, config.eval.latent_frame,
                        config.model.latent_dim)

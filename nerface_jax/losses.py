@@ -1,5 +1,7 @@
 """Training losses and the PSNR used in logs (pure jax.numpy)."""
 
+from typing import Optional
+
 import chex
 import jax.numpy as jnp
 
@@ -18,6 +20,25 @@ def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
   """
   chex.assert_equal_shape([prediction, target])
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+
+
+def level_mses(coarse: Optional[chex.Array], fine: chex.Array,
+               target: chex.Array) -> dict[str, chex.Array]:
+  """The photometric loss of every level: {'mse_coarse', 'mse_fine'}.
+
+  Args:
+    coarse: float [R, 3] the coarse level's colours, or None for a model
+      with one level (no 'mse_coarse' then).
+    fine: float [R, 3] the fine level's colours.
+    target: float [R, 3].
+
+  Returns:
+    float32 scalars; the training loss is their sum.
+  """
+  out = {'mse_fine': mse(fine, target)}
+  if coarse is not None:
+    out['mse_coarse'] = mse(coarse, target)
+  return out
 
 
 PRIORS = config_lib.CHOICES['train.latent_prior']

@@ -7,6 +7,7 @@ Every Dense layer is initialised like PyTorch's `nn.Linear` (kernel and bias
 uniform in +-1/sqrt(fan_in)), as the original NeRFace code was.
 """
 
+import functools
 import math
 from typing import Any, Optional, Tuple
 
@@ -341,8 +342,11 @@ class NerfaceModel(nn.Module):
     use_viewdirs: feed the view direction to the colour branch.
     use_background: the last sample is the background pixel ('image' mode).
     near, far: sample depth range.
-    num_coarse: stratified samples per ray.
-    num_fine: extra inverse-CDF samples per ray.
+    num_coarse: stratified (or grid-guided) samples per ray.
+    num_fine: extra inverse-CDF samples per ray placed by the coarse level's
+      weights; 0 means one level: no coarse network, the fine field is
+      evaluated at the num_coarse samples themselves (with an occupancy
+      grid placing them, as in Instant-NGP, there is nothing to resample).
     noise_std: std of the noise on raw density when a key is given.
     trunk_depth, trunk_width, skip_layer, color_width, color_depth, xyz_freqs,
       dir_freqs: sizes of both ConditionedMLPs (color_width, color_depth and
@@ -407,7 +411,8 @@ class NerfaceModel(nn.Module):
           compute_dtype=self.compute_dtype)
     else:
       raise ValueError(f"field must be 'mlp' or 'hash', got {self.field!r}.")
-    self.coarse = make()
+    if self.num_fine:
+      self.coarse = make()
     self.fine = make()
     if self.use_latent:
       self.latent = LatentTable(self.num_frames, self.latent_dim)
@@ -477,7 +482,8 @@ class NerfaceModel(nn.Module):
         [near, far]. The last sample stays at far (the background).
 
     Returns:
-      coarse: Renderings over `num_coarse` samples per ray.
+      coarse: Renderings over `num_coarse` samples per ray; None with one
+        level (num_fine = 0).
       fine: Renderings over `num_coarse + num_fine` sorted samples per ray.
     """
     num_rays = batch.frame.shape[0]
@@ -509,6 +515,8 @@ class NerfaceModel(nn.Module):
 
     t_coarse = self.coarse_depths(origins, directions, k_strat, per_ray,
                                   grid)
+    if not self.num_fine:
+      return None, render(self.fine, t_coarse, k_noise_f)
     coarse = render(self.coarse, t_coarse, k_noise_c)
     # resample stops the gradient: the fine level does not train the coarse
     # weights through the sample positions.
@@ -533,7 +541,8 @@ class NerfaceModel(nn.Module):
     """The deterministic fine sample depths of `__call__` without a key.
 
     The first pass of rendering in passes (`renderer`): the coarse level
-    runs on every ray, its weights place the fine samples.
+    runs on every ray, its weights place the fine samples. With one level
+    these are the coarse depths, and no network runs.
 
     Args:
       batch: a Batch of R rays (as `__call__`).
@@ -544,6 +553,8 @@ class NerfaceModel(nn.Module):
     """
     origins, directions, viewdirs, background, condition = self._inputs(batch)
     t = self.coarse_depths(origins, directions, None, False, grid)
+    if not self.num_fine:
+      return t
     positions = origins[:, None, :] + t[..., None] * directions[:, None, :]
     rgb, raw = self.coarse(positions, condition, viewdirs)
     coarse = rendering.composite(rgb, rendering.density(raw, None, 0.0), t,
@@ -593,10 +604,11 @@ class NerfaceModel(nn.Module):
   def densities(self, points: jax.Array, expression: jax.Array,
                 frame: jax.Array, latent: Optional[jax.Array] = None
                 ) -> jax.Array:
-    """The larger of the two levels' densities at points, for one frame.
+    """The larger of the levels' densities at points, for one frame.
 
     What the occupancy grid is refreshed from: a cell must stay occupied if
     either level puts matter there (the coarse level places the fine samples).
+    With one level, the fine field's density.
 
     Args:
       points: float32 [P, 3] world positions.
@@ -623,9 +635,10 @@ class NerfaceModel(nn.Module):
     condition = self._condition(batch)
     viewdirs = jnp.broadcast_to(jnp.array([0.0, 0.0, -1.0], jnp.float32),
                                 (rows, 3))
+    levels = (self.coarse, self.fine) if self.num_fine else (self.fine,)
     sigma = [rendering.density(mlp(positions, condition, viewdirs)[1], None,
-                               0.0) for mlp in (self.coarse, self.fine)]
-    return jnp.maximum(*sigma).reshape(num)
+                               0.0) for mlp in levels]
+    return functools.reduce(jnp.maximum, sigma).reshape(num)
 
 
 EXPR_NORMS = config_lib.CHOICES['model.expr_norm']
@@ -772,7 +785,8 @@ def init_params(model: NerfaceModel, key: jax.Array, expr_dim: int):
 
   Returns:
     The parameter tree {'coarse': ..., 'fine': ..., 'latent': {'gamma'}}
-    ('latent' only with `use_latent`), all float32.
+    ('coarse' only with num_fine > 0, 'latent' only with `use_latent`), all
+    float32.
   """
   batch = dummy_batch(2, expr_dim)
   # Jitted: one compile beats op-by-op dispatch of every initialiser.

@@ -111,7 +111,9 @@ class ChunkFns:
   Attributes:
     full: (pixels int32 [C, 2]) -> {'rgb' [C, 3], 'depth' [C], 'acc' [C]},
       the whole model (fine level).
-    hits: (pixels) -> {'hit' bool [C]}: the ray crosses an occupied cell.
+    hits: (pixels) -> {'hit' bool [C]}: the ray crosses an occupied cell;
+      with one level also {'t' float32 [C, S]}, its sample depths (the same
+      walk through the grid finds both).
     depths: (pixels) -> {'t' float32 [C, S]}: the fine sample depths.
     segment: (pixels, t [C, K + 1], trans [C]) -> {'rgb' [C, 3], 'depth'
       [C], 'trans' [C]}: one run of the fine samples composited.
@@ -138,6 +140,10 @@ def make_chunk_fns(model: models.NerfaceModel, mesh) -> ChunkFns:
   def hits(params, inputs, grid, pixels):
     del params
     rays = _frame_batch(pixels, inputs).rays
+    if not model.num_fine:
+      t, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
+                                model.near, model.far, model.num_coarse)
+      return {'hit': hit, 't': t}
     _, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
                               model.near, model.far, 2)
     return {'hit': hit}
@@ -166,19 +172,53 @@ class RenderInterrupted(Exception):
   """`render_frame` stopped between chunks because `should_stop()` said so."""
 
 
+# Smaller chunk shapes for the rays left after the full chunks: each one is
+# compiled once, and a pass over a few surviving rays no longer pays for a
+# whole chunk of padding.
+_TAIL_HALVINGS = 3
+
+
+def chunk_sizes(total: int, chunk: int, devices: int = 1) -> list[int]:
+  """Sizes of the calls that cover `total` rays, padding at most a little.
+
+  Full chunks first; the rest greedily in chunk / 2, chunk / 4, ...
+  (_TAIL_HALVINGS halvings, each a multiple of `devices`), the last piece
+  rounded up to the smallest size that holds it.
+
+  Args:
+    total: rays N > 0.
+    chunk: the largest call, a multiple of `devices`.
+    devices: the device count.
+
+  Returns:
+    Call sizes (ints, at most 1 + _TAIL_HALVINGS distinct) summing to >= N.
+  """
+  shapes = [chunk >> k for k in range(_TAIL_HALVINGS + 1)
+            if (chunk >> k) >= devices and (chunk >> k) % devices == 0]
+  sizes = [chunk] * (total // chunk)
+  rest = total - chunk * len(sizes)
+  for size in shapes[1:]:
+    while rest >= size:
+      sizes.append(size)
+      rest -= size
+  if rest > 0:
+    sizes.append(min(s for s in shapes if s >= rest))
+  return sizes
+
+
 def _map_chunks(fn: Callable[..., Any], const: tuple, arrays: list,
                 chunk: int, mesh,
                 should_stop: Optional[Callable[[], bool]]
                 ) -> dict[str, np.ndarray]:
-  """Runs `fn(*const, *chunk_of_arrays)` over rays in fixed-size chunks.
+  """Runs `fn(*const, *chunk_of_arrays)` over rays in chunks (`chunk_sizes`).
 
   Args:
     fn: a ChunkFns program.
     const: its replicated leading arguments.
-    arrays: host arrays [N, ...] split into chunks along axis 0; padded with
-      copies of row 0 (a real ray, so padded lanes stay finite), whose
-      results are cut off.
-    chunk: rays per call, a multiple of the device count.
+    arrays: host arrays [N, ...] split into chunks along axis 0; the last
+      chunk is padded with copies of row 0 (a real ray, so padded lanes stay
+      finite), whose results are cut off.
+    chunk: rays of the largest call, a multiple of the device count.
     mesh: the device mesh.
     should_stop: see `render_frame`.
 
@@ -186,20 +226,23 @@ def _map_chunks(fn: Callable[..., Any], const: tuple, arrays: list,
     dict of host arrays [N, ...].
   """
   total = arrays[0].shape[0]
-  padded = -(-total // chunk) * chunk
+  sizes = chunk_sizes(total, chunk, mesh.devices.size)
+  padded = sum(sizes)
   arrays = [np.concatenate([a, np.repeat(a[:1], padded - total, axis=0)])
             for a in arrays]
   sharded = NamedSharding(mesh, P(parallel.AXIS))
   outputs = []
-  for start in range(0, padded, chunk):
+  start = 0
+  for size in sizes:
     if should_stop is not None and outputs:
       # Dispatch is asynchronous: wait for the chunk in flight, so that a
       # stop arriving during it abandons the frame before the next one.
       jax.block_until_ready(outputs[-1])
       if should_stop():
         raise RenderInterrupted(f'stopped after {len(outputs)} of '
-                                f'{padded // chunk} chunks')
-    pieces = [jax.device_put(a[start:start + chunk], sharded) for a in arrays]
+                                f'{len(sizes)} chunks')
+    pieces = [jax.device_put(a[start:start + size], sharded) for a in arrays]
+    start += size
     out = fn(*const, *pieces)
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
@@ -276,9 +319,11 @@ def _render_in_passes(fns: ChunkFns, params, inputs, grid, pixels, chunk,
   rgb = np.zeros((total, 3), np.float32)
   depth = np.zeros((total,), np.float32)
   trans = np.ones((total,), np.float32)
-  hit = np.flatnonzero(run(fns.hits, [pixels])['hit'])
+  found = run(fns.hits, [pixels])
+  hit = np.flatnonzero(found['hit'])
   if hit.size:
-    t = run(fns.depths, [pixels[hit]])['t']  # [A, S]
+    t = (found['t'][hit] if 't' in found else
+         run(fns.depths, [pixels[hit]])['t'])  # [A, S]
     far = t[:, -1:]
     use_background = fns.use_background
     # With a background the last sample is the background itself (alpha 1):

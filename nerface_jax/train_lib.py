@@ -118,10 +118,9 @@ def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
       # The prior sees the clean codes; only the renderer sees the corrupted.
       batch = batch.replace(latent=perturb_codes(codes, key, dropout, noise))
   coarse, fine = model.apply({'params': params}, batch, key, grid)
-  mse_coarse = losses.mse(coarse.rgb, batch.rgb)
-  mse_fine = losses.mse(fine.rgb, batch.rgb)
-  loss = mse_coarse + mse_fine
-  stats = {'mse_coarse': mse_coarse, 'mse_fine': mse_fine}
+  stats = losses.level_mses(None if coarse is None else coarse.rgb, fine.rgb,
+                            batch.rgb)
+  loss = sum(stats.values())
   if prior_value is not None:
     loss = loss + latent_reg * prior_value
     stats['latent_prior'] = prior_value

@@ -72,18 +72,32 @@ HASH_AVATAR_OVERRIDES = {
     'train.max_steps': 300, 'train.lr': 1e-2, 'train.lr_decay_steps': 300,
     'train.warmup_steps': 20, 'train.batch_rays': 512, 'train.log_every': 100,
     'train.eval_every': 300, 'train.checkpoint_every': 300,
-    'render.num_coarse': 16, 'render.num_fine': 16}
+    'render.num_coarse': 24, 'render.num_fine': 0}
+
+
+def _train_hash_avatar(tmp_path_factory, name, **overrides):
+  from nerface_jax import avatar  # pylint: disable=g-import-not-at-top
+  from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp(name)
+  config = tiny_config(root / 'cache', **{**HASH_AVATAR_OVERRIDES,
+                                          **overrides})
+  train_lib.train_and_evaluate(config, str(root / 'work'))
+  return avatar.load(root / 'work')
 
 
 @pytest.fixture(scope='session')
 def trained_hash_avatar(tmp_path_factory):
-  """A trained hash-field avatar with its occupancy grid."""
-  from nerface_jax import avatar  # pylint: disable=g-import-not-at-top
-  from nerface_jax import train_lib  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('hash_avatar')
-  config = tiny_config(root / 'cache', **HASH_AVATAR_OVERRIDES)
-  train_lib.train_and_evaluate(config, str(root / 'work'))
-  return avatar.load(root / 'work')
+  """A trained hash-field avatar with its occupancy grid: one level, the
+  grid alone placing the samples (as the `fast` preset)."""
+  return _train_hash_avatar(tmp_path_factory, 'hash_avatar')
+
+
+@pytest.fixture(scope='session')
+def trained_two_level_hash_avatar(tmp_path_factory):
+  """As trained_hash_avatar with a coarse level that places fine samples."""
+  return _train_hash_avatar(tmp_path_factory, 'hash_avatar2',
+                            **{'render.num_coarse': 16,
+                               'render.num_fine': 16})
 
 
 @pytest.fixture(scope='session')

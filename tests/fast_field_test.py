@@ -1,6 +1,8 @@
 """The hash field, its optimiser groups, the occupancy grid in training and
 rendering with culling and early termination."""
 
+import pathlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ import pytest
 from conftest import HASH_OVERRIDES
 from conftest import tiny_config
 from nerface_jax import avatar as avatar_lib
+from nerface_jax import data as data_lib
+from nerface_jax import latents
 from nerface_jax import models
 from nerface_jax import occupancy
 from nerface_jax import render_modes
@@ -150,10 +154,13 @@ def test_trained_grid_is_partly_occupied_and_covers_the_face(
   assert np.mean(out['acc'] > 0.01) < 0.98  # Some rays were culled.
 
 
-def test_culling_and_early_termination_match_the_plain_render(
-    trained_hash_avatar):
-  render = trained_hash_avatar.renderer
-  dataset, inputs = _frame(trained_hash_avatar)
+@pytest.mark.parametrize('levels', [1, 2])
+def test_culling_and_early_termination_match_the_plain_render(levels, request):
+  avatar = request.getfixturevalue(
+      'trained_hash_avatar' if levels == 1 else 'trained_two_level_hash_avatar')
+  assert avatar.model.num_fine == (0 if levels == 1 else 16)
+  render = avatar.renderer
+  dataset, inputs = _frame(avatar)
   h, w = dataset.height, dataset.width
   fast = render(inputs, h, w)
   # Every ray through the model with the same grid-guided samples, no
@@ -224,3 +231,117 @@ def test_refresh_keeps_cells_with_density_and_empties_the_rest(
   strong = sigma * side > 10 * config.render.occupancy_threshold
   assert strong.any()
   assert occupied.reshape(-1)[strong].mean() > 0.9
+
+
+ONE_LEVEL = {'render.num_coarse': 12, 'render.num_fine': 0}
+
+
+def _random_params(params):
+  """Random weights and tables, so that an untrained field has density."""
+  leaves, tree = jax.tree.flatten(params)
+  return jax.tree.unflatten(tree, [
+      jax.random.normal(jax.random.PRNGKey(n), x.shape) * 0.5
+      for n, x in enumerate(leaves)])
+
+
+def _one_level_batch(num):
+  rng = np.random.default_rng(0)
+  origins = np.tile([0.0, 0.0, 0.5], (num, 1)).astype(np.float32)
+  directions = np.concatenate(
+      [rng.uniform(-0.3, 0.3, (num, 2)), -np.ones((num, 1))],
+      axis=1).astype(np.float32)
+  batch = models.dummy_batch(num, EXPR_DIM)
+  return batch.replace(
+      rays=batch.rays.replace(origins=jnp.asarray(origins),
+                              directions=jnp.asarray(directions)),
+      rgb=jnp.asarray(rng.uniform(size=(num, 3)), jnp.float32),
+      background=jnp.asarray(rng.uniform(size=(num, 3)), jnp.float32),
+      expression=jnp.asarray(rng.normal(size=(num, EXPR_DIM)), jnp.float32),
+      frame=jnp.asarray(rng.integers(0, NUM_FRAMES, num), jnp.int32))
+
+
+def _some_cells(model, resolution=8):
+  """A grid over the model's box with a band of occupied cells."""
+  grid = occupancy.create(model.box_min, model.box_max, resolution)
+  occupied = np.zeros((resolution,) * 3, bool)
+  occupied[2:6, 2:6, 3:5] = True
+  return grid.replace(occupied=jnp.asarray(occupied))
+
+
+@pytest.mark.parametrize('with_grid', [False, True])
+def test_one_level_renders_its_own_samples_with_the_fine_field(with_grid):
+  _, model = _hash_model(**ONE_LEVEL)
+  params = models.init_params(model, jax.random.PRNGKey(0), EXPR_DIM)
+  assert set(params) == {'fine', 'latent'}  # No coarse network.
+  params = _random_params(params)
+  batch = _one_level_batch(16)
+  grid = _some_cells(model) if with_grid else None
+  coarse, fine = model.apply({'params': params}, batch, None, grid)
+  assert coarse is None
+  # Brute force: the fine field at the (grid-guided) depths, composited.
+  t = model.apply({'params': params}, batch, grid,
+                  method=models.NerfaceModel.fine_depths)
+  chex.assert_shape(t, (16, 12))
+  rgb, sigma = model.apply({'params': params}, batch, t,
+                           method=models.NerfaceModel.fine_samples)
+  reference = rendering.composite(rgb, sigma, t, batch.rays.directions,
+                                  batch.background)
+  chex.assert_trees_all_close(fine.rgb, reference.rgb, atol=1e-5)
+  chex.assert_trees_all_close(fine.weights, reference.weights, atol=1e-5)
+  assert float(jnp.max(fine.acc)) > 0.05  # The field is not empty.
+  if with_grid:
+    # Every sample but the background's lies in an occupied cell.
+    points = (batch.rays.origins[:, None] +
+              t[:, :-1, None] * batch.rays.directions[:, None])
+    assert np.all(np.asarray(occupancy.occupied_at(grid, points))[
+        np.asarray(occupancy.sample(None, grid, batch.rays.origins,
+                                    batch.rays.directions, model.near,
+                                    model.far, 2)[1])])
+
+
+def test_one_level_loss_is_the_fine_levels_alone():
+  config, model = _hash_model(**ONE_LEVEL)
+  params = _random_params(models.init_params(model, jax.random.PRNGKey(0),
+                                             EXPR_DIM))
+  batch = _one_level_batch(16)
+  loss, stats = train_lib.compute_losses(params, model, batch,
+                                         jax.random.PRNGKey(1), 0.0)
+  assert set(stats) == {'mse_fine', 'latent_prior', 'loss'}
+  _, fine = model.apply({'params': params}, batch, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(loss, np.mean((fine.rgb - batch.rgb)**2),
+                             rtol=1e-5)
+  # Two levels: both photometric terms add up.
+  _, two = _hash_model()
+  params2 = _random_params(models.init_params(two, jax.random.PRNGKey(0),
+                                              EXPR_DIM))
+  loss2, stats2 = train_lib.compute_losses(params2, two, batch,
+                                           jax.random.PRNGKey(1), 0.0)
+  np.testing.assert_allclose(loss2, stats2['mse_coarse'] + stats2['mse_fine'],
+                             rtol=1e-6)
+
+
+def test_latent_fitting_samples_where_the_grid_says():
+  config, model = _hash_model(**{**ONE_LEVEL, 'eval.optimize_steps': 3,
+                                 'eval.optimize_rays': 16,
+                                 'eval.optimize_batch': 2})
+  params = _random_params(models.init_params(model, jax.random.PRNGKey(0),
+                                             EXPR_DIM))
+  rng = np.random.default_rng(0)
+  frames, size = 2, 8
+  # Cameras at z = 0.5 looking down -z, as in _one_level_batch.
+  c2w = np.tile(np.eye(4, dtype=np.float32), (frames, 1, 1))
+  c2w[:, 2, 3] = 0.5
+  dataset = data_lib.Dataset(
+      images=rng.integers(0, 256, (frames, size, size, 3), np.uint8),
+      c2w=c2w, intrinsics=np.array([size, -size, 0.5, 0.5], np.float32),
+      expressions=rng.normal(size=(frames, EXPR_DIM)).astype(np.float32),
+      bboxes=np.tile(np.array([0, 1, 0, 1], np.float32), (frames, 1)),
+      background=rng.integers(0, 256, (size, size, 3), np.uint8),
+      file_paths=['a', 'b'], split='test', path=pathlib.Path('.'))
+  grid = jax.device_get(_some_cells(model))
+  free = latents.optimize_latents(config, model, params, dataset)
+  guided = latents.optimize_latents(config, model, params, dataset, grid=grid)
+  again = latents.optimize_latents(config, model, params, dataset, grid=grid)
+  chex.assert_trees_all_close(guided, again)  # Deterministic.
+  # The grid placed the samples: other samples, another fit.
+  assert np.abs(guided - free).max() > 1e-6

@@ -57,13 +57,28 @@ def test_with_params_reuses_the_compiled_chunk(trained_avatar):
                          jax.tree.leaves(render.params)[0])
 
 
+@pytest.mark.parametrize('devices', [1, 4])
+def test_chunk_sizes_cover_the_rays_with_little_padding(devices):
+  chunk = 64 * devices
+  shapes = {chunk >> k for k in range(4)}
+  for total in range(1, 5 * chunk):
+    sizes = renderer.chunk_sizes(total, chunk, devices)
+    assert set(sizes) <= shapes
+    assert all(s % devices == 0 for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    # Covered, with less padding than the smallest shape (and than full
+    # chunks alone would need).
+    assert total <= sum(sizes) < total + chunk // 8
+    assert sum(sizes) <= -(-total // chunk) * chunk
+
+
 def test_should_stop_interrupts_between_chunks(trained_avatar):
   render = trained_avatar.renderer
   dataset = avatar_lib.load_dataset(trained_avatar, 'val')
   inputs = renderer.dataset_inputs(dataset, 0,
                                    trained_avatar.shared_code('mean'))
   args = (render.fns, render.params, inputs, dataset.height,
-          dataset.width, 100, render.mesh)  # 576 pixels: 6 chunks.
+          dataset.width, 96, render.mesh)  # 576 pixels: 6 chunks.
   asked = []
 
   def never():

@@ -77,9 +77,10 @@ def test_run_writes_config_logs_events_previews_and_checkpoints(cache,
                               train.expressions.mean(0), rtol=1e-5, atol=1e-6)
 
 
-# The original field, and the hash field with an occupancy grid that is
-# refreshed every step and culls from step 2 (so a resume carries it over).
-FIELDS = {'mlp': {}, 'hash': HASH_OVERRIDES}
+# The original field with two levels, and the hash field as `fast` has it:
+# one level, the samples placed by an occupancy grid that is refreshed every
+# step and culls from step 2 (so a resume carries it over).
+FIELDS = {'mlp': {}, 'hash': {**HASH_OVERRIDES, 'render.num_fine': 0}}
 
 
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
