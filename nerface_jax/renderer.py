@@ -178,22 +178,24 @@ class RenderInterrupted(Exception):
 _TAIL_HALVINGS = 3
 
 
-def chunk_sizes(total: int, chunk: int, devices: int = 1) -> list[int]:
+def chunk_sizes(total: int, chunk: int, devices: int = 1,
+                halvings: int = _TAIL_HALVINGS) -> list[int]:
   """Sizes of the calls that cover `total` rays, padding at most a little.
 
   Full chunks first; the rest greedily in chunk / 2, chunk / 4, ...
-  (_TAIL_HALVINGS halvings, each a multiple of `devices`), the last piece
+  (`halvings` halvings, each a multiple of `devices`), the last piece
   rounded up to the smallest size that holds it.
 
   Args:
     total: rays N > 0.
     chunk: the largest call, a multiple of `devices`.
     devices: the device count.
+    halvings: how many smaller shapes (0: whole chunks only).
 
   Returns:
-    Call sizes (ints, at most 1 + _TAIL_HALVINGS distinct) summing to >= N.
+    Call sizes (ints, at most 1 + halvings distinct) summing to >= N.
   """
-  shapes = [chunk >> k for k in range(_TAIL_HALVINGS + 1)
+  shapes = [chunk >> k for k in range(halvings + 1)
             if (chunk >> k) >= devices and (chunk >> k) % devices == 0]
   sizes = [chunk] * (total // chunk)
   rest = total - chunk * len(sizes)
@@ -208,8 +210,8 @@ def chunk_sizes(total: int, chunk: int, devices: int = 1) -> list[int]:
 
 def _map_chunks(fn: Callable[..., Any], const: tuple, arrays: list,
                 chunk: int, mesh,
-                should_stop: Optional[Callable[[], bool]]
-                ) -> dict[str, np.ndarray]:
+                should_stop: Optional[Callable[[], bool]],
+                tails: bool = False) -> dict[str, np.ndarray]:
   """Runs `fn(*const, *chunk_of_arrays)` over rays in chunks (`chunk_sizes`).
 
   Args:
@@ -221,12 +223,16 @@ def _map_chunks(fn: Callable[..., Any], const: tuple, arrays: list,
     chunk: rays of the largest call, a multiple of the device count.
     mesh: the device mesh.
     should_stop: see `render_frame`.
+    tails: cover what is left after the full chunks with smaller shapes
+      (for runs whose ray count varies, such as the passes over still-active
+      rays); False pads to a whole chunk, so a frame size compiles one shape.
 
   Returns:
     dict of host arrays [N, ...].
   """
   total = arrays[0].shape[0]
-  sizes = chunk_sizes(total, chunk, mesh.devices.size)
+  sizes = chunk_sizes(total, chunk, mesh.devices.size,
+                      _TAIL_HALVINGS if tails else 0)
   padded = sum(sizes)
   arrays = [np.concatenate([a, np.repeat(a[:1], padded - total, axis=0)])
             for a in arrays]
@@ -312,7 +318,7 @@ def _render_in_passes(fns: ChunkFns, params, inputs, grid, pixels, chunk,
                       mesh, should_stop, passes) -> dict[str, np.ndarray]:
   """`render_frame` with a grid: culling and early termination."""
   run = lambda fn, arrays: _map_chunks(fn, (params, inputs, grid), arrays,
-                                       chunk, mesh, should_stop)
+                                       chunk, mesh, should_stop, tails=True)
   total = pixels.shape[0]
   background = np.asarray(jax.device_get(inputs.background), np.float32)
   background = background[pixels[:, 1], pixels[:, 0]] / 255.0

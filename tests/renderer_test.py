@@ -70,6 +70,9 @@ def test_chunk_sizes_cover_the_rays_with_little_padding(devices):
     # chunks alone would need).
     assert total <= sum(sizes) < total + chunk // 8
     assert sum(sizes) <= -(-total // chunk) * chunk
+    # Without halvings: whole chunks, one compiled shape.
+    assert renderer.chunk_sizes(total, chunk, devices, 0) == [chunk] * (
+        -(-total // chunk))
 
 
 def test_should_stop_interrupts_between_chunks(trained_avatar):
