@@ -101,8 +101,7 @@ def make_latent_fitter(config: ml_collections.ConfigDict,
     def loss_fn(codes, batch, model_key):
       batch = batch.replace(latent=codes[local])
       coarse, fine = model.apply({'params': params}, batch, model_key, grid)
-      mse = sum(losses.level_mses(None if coarse is None else coarse.rgb,
-                                  fine.rgb, batch.rgb).values())
+      mse = sum(losses.level_mses(coarse, fine, batch.rgb).values())
       return mse + reg * losses.latent_prior(codes, prior)
 
     def step(carry, step_key):

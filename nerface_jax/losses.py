@@ -6,6 +6,7 @@ import chex
 import jax.numpy as jnp
 
 from nerface_jax import config_lib
+from nerface_jax import types
 
 
 def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
@@ -22,22 +23,22 @@ def mse(prediction: chex.Array, target: chex.Array) -> chex.Array:
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 
-def level_mses(coarse: Optional[chex.Array], fine: chex.Array,
+def level_mses(coarse: Optional[types.Renderings], fine: types.Renderings,
                target: chex.Array) -> dict[str, chex.Array]:
   """The photometric loss of every level: {'mse_coarse', 'mse_fine'}.
 
   Args:
-    coarse: float [R, 3] the coarse level's colours, or None for a model
+    coarse: the coarse level's Renderings of R rays, or None for a model
       with one level (no 'mse_coarse' then).
-    fine: float [R, 3] the fine level's colours.
+    fine: the fine level's Renderings.
     target: float [R, 3].
 
   Returns:
     float32 scalars; the training loss is their sum.
   """
-  out = {'mse_fine': mse(fine, target)}
+  out = {'mse_fine': mse(fine.rgb, target)}
   if coarse is not None:
-    out['mse_coarse'] = mse(coarse, target)
+    out['mse_coarse'] = mse(coarse.rgb, target)
   return out
 
 

@@ -140,13 +140,11 @@ def make_chunk_fns(model: models.NerfaceModel, mesh) -> ChunkFns:
   def hits(params, inputs, grid, pixels):
     del params
     rays = _frame_batch(pixels, inputs).rays
-    if not model.num_fine:
-      t, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
-                                model.near, model.far, model.num_coarse)
-      return {'hit': hit, 't': t}
-    _, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
-                              model.near, model.far, 2)
-    return {'hit': hit}
+    one_level = not model.num_fine
+    t, hit = occupancy.sample(None, grid, rays.origins, rays.directions,
+                              model.near, model.far,
+                              model.num_coarse if one_level else 2)
+    return {'hit': hit, 't': t} if one_level else {'hit': hit}
 
   def depths(params, inputs, grid, pixels):
     return {'t': apply(params, _frame_batch(pixels, inputs), grid,

@@ -118,8 +118,7 @@ def compute_losses(params: Any, model: models.NerfaceModel, batch, key,
       # The prior sees the clean codes; only the renderer sees the corrupted.
       batch = batch.replace(latent=perturb_codes(codes, key, dropout, noise))
   coarse, fine = model.apply({'params': params}, batch, key, grid)
-  stats = losses.level_mses(None if coarse is None else coarse.rgb, fine.rgb,
-                            batch.rgb)
+  stats = losses.level_mses(coarse, fine, batch.rgb)
   loss = sum(stats.values())
   if prior_value is not None:
     loss = loss + latent_reg * prior_value
