@@ -58,13 +58,13 @@ def frame_inputs(size: int, expr_dim: int, latent_dim: int,
       background=rng.integers(0, 256, (size, size, 3), np.uint8))
 
 
-def warm_up(fns, params, inputs, chunk: int, mesh, grid=None):
+def warm_up(fns, params, inputs, chunk: int, mesh, grid=None, coarse=None):
   """Compiles the chunk renderer for this frame size (one chunk, untimed;
   with an occupancy grid one whole frame, which compiles every pass)."""
   if grid is not None:
     size = inputs.background.shape[0]
     renderer.render_frame(fns, params, inputs, size, size, chunk, mesh,
-                          grid=grid)
+                          grid=grid, coarse_grid=coarse)
     return
   devices = mesh.devices.size
   chunk = -(-chunk // devices) * devices
@@ -114,7 +114,8 @@ def main():
     avatar = avatar_lib.load(args.workdir, mesh=mesh)
     config, model, params = avatar.config, avatar.model, avatar.renderer.params
     fns, expr_dim = avatar.renderer.fns, avatar.expr_dim
-    grid = avatar.renderer.grid
+    grid = avatar.renderer.render_grid
+    coarse = avatar.renderer.coarse_grid
     source = f'trained avatar {args.workdir} (step {avatar.step})'
   else:
     config = person.get_config('paper')
@@ -123,7 +124,7 @@ def main():
     model = models.construct_model(config, 1, expr_dim)
     params = parallel.replicate(
         models.init_params(model, jax.random.PRNGKey(0), expr_dim), mesh)
-    fns, grid = renderer.make_chunk_fns(model, mesh), None
+    fns, grid, coarse = renderer.make_chunk_fns(model, mesh), None, None
     source = 'paper model, fresh weights'
   chunk = args.chunk or config.render.chunk
   r = config.render
@@ -142,7 +143,7 @@ def main():
   print('|---|---|---|---|---|---|')
   for size in (int(s) for s in args.sizes.split(',')):
     inputs = frame_inputs(size, expr_dim, config.model.latent_dim)
-    warm_up(fns, params, inputs, min(chunk, size * size), mesh, grid)
+    warm_up(fns, params, inputs, min(chunk, size * size), mesh, grid, coarse)
     rays = size * size
     flops = (model_bench.mlp_flops(config.model, cond_dim, rays,
                                    r.num_coarse)[0] +
@@ -163,7 +164,7 @@ def main():
       for _ in range(args.repeats):
         start = time.perf_counter()
         out = renderer.render_frame(fns, params, inputs, size, size, chunk,
-                                    mesh, grid=grid)
+                                    mesh, grid=grid, coarse_grid=coarse)
         times.append(time.perf_counter() - start)
         assert np.all(np.isfinite(out['rgb']))
       seconds = min(times)

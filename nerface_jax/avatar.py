@@ -168,8 +168,9 @@ def load(workdir: os.PathLike[str] | str, step: Optional[int] = None,
   mesh = parallel.make_mesh() if mesh is None else mesh
   return Avatar(config=config, meta=meta, model=model,
                 host_params=host_params,
-                renderer=renderer.Renderer.create(model, host_params, mesh,
-                                                  config.render.chunk, grid),
+                renderer=renderer.Renderer.create(
+                    model, host_params, mesh, config.render.chunk, grid,
+                    config.render.occupancy_threshold),
                 step=step, workdir=workdir)
 
 

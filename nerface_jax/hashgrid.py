@@ -280,17 +280,33 @@ def corner_rows(cell: chex.Array, grid: GridSpec) -> chex.Array:
     int32 [..., Lv, 8] rows in [0, N).
   """
   corners = cell[..., None, :] + _CORNERS  # [..., Lv, 8, 3]
-  res = np.asarray(grid.resolutions, np.uint32)[:, None]  # [Lv, 1]
-  size = np.asarray(grid.sizes, np.uint32)[:, None]
-  dense = np.asarray(grid.dense, bool)[:, None]
+  res = np.asarray(grid.resolutions, np.uint32)
+  size = np.asarray(grid.sizes, np.uint32)
+  dense = np.asarray(grid.dense, bool)
   offset = np.asarray(grid.offsets, np.int32)[:, None]
-  # Both indexings are computed at every level (cheap integer arithmetic) and
-  # chosen by a constant mask: one fused op over all levels instead of Lv.
-  # Dense indices of hashed levels may wrap in uint32; they are discarded.
-  # Dense levels hash "into one row" so a power-of-two mask serves them all.
-  hash_size = np.where(dense, 1, size).astype(np.uint32)
-  rows = jnp.where(dense, dense_index(corners, res),
-                   hash_index(corners, hash_size))
+  side = res + np.uint32(1)
+  # Per level, the factor of each axis: the dense strides (1, r + 1,
+  # (r + 1)^2) or the hash primes; then a sum (dense_index) or an XOR
+  # (hash_index) over the axes. Written as reductions, the rows are
+  # materialised once: as elementwise ops XLA fused them into the gather
+  # loop and recomputed them for every feature (encode took 1.3-1.7x as
+  # long on a 2-core CPU). Dense indices of hashed levels may wrap in
+  # uint32; they are discarded.
+  stride = np.stack([np.ones_like(side), side, side * side], axis=-1)
+  primes = np.broadcast_to(np.asarray(PRIMES, np.uint32), stride.shape)
+  factor = np.where(dense[:, None], stride, primes).astype(np.uint32)
+  terms = corners * factor[:, None, :]  # [..., Lv, 8, 3]
+  axis = (terms.ndim - 1,)
+  summed = jax.lax.reduce(terms, np.uint32(0), jax.lax.add, axis)
+  xored = jax.lax.reduce(terms, np.uint32(0), jax.lax.bitwise_xor, axis)
+  # Dense levels hash "into one row", so a power-of-two mask serves all
+  # levels when the hashed tables have 2**log2_table_size rows.
+  hash_size = np.where(dense, 1, size).astype(np.uint32)[:, None]
+  if np.all(hash_size & (hash_size - 1) == 0):
+    hashed = xored & (hash_size - np.uint32(1))
+  else:
+    hashed = xored % hash_size
+  rows = jnp.where(dense[:, None], summed, hashed)
   return rows.astype(jnp.int32) + offset
 
 
@@ -321,7 +337,12 @@ def encode(points: chex.Array, tables: chex.Array,
   rows = corner_rows(cell, grid)  # [..., Lv, 8]
   # One gather for every level; rows are in range by construction.
   feats = tables.at[rows].get(mode='promise_in_bounds')  # [..., Lv, 8, C]
-  out = jnp.einsum('...k,...kc->...c', weights, feats)  # [..., Lv, C]
+  # The 8-term sum written out fuses with the gather into one loop; as an
+  # einsum (a batched [8] x [8, C] product per level) it took 4x as long on
+  # a 2-core CPU (16,384 points: 7.2 ms against 2.0 ms).
+  out = weights[..., 0, None] * feats[..., 0, :]
+  for k in range(1, 8):
+    out = out + weights[..., k, None] * feats[..., k, :]  # [..., Lv, C]
   return out.reshape(*out.shape[:-2], -1)
 
 

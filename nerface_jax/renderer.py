@@ -111,6 +111,8 @@ class ChunkFns:
   Attributes:
     full: (pixels int32 [C, 2]) -> {'rgb' [C, 3], 'depth' [C], 'acc' [C]},
       the whole model (fine level).
+    crosses: (pixels) -> {'hit' bool [C]}: the ray crosses an occupied
+      cell (the walk alone, for a first test on a coarsened grid).
     hits: (pixels) -> {'hit' bool [C]}: the ray crosses an occupied cell;
       with one level also {'t' float32 [C, S]}, its sample depths (the same
       walk through the grid finds both).
@@ -121,6 +123,7 @@ class ChunkFns:
     use_background: the model composites a background ('image' mode).
   """
   full: Callable[..., Any]
+  crosses: Callable[..., Any]
   hits: Callable[..., Any]
   depths: Callable[..., Any]
   segment: Callable[..., Any]
@@ -136,6 +139,13 @@ def make_chunk_fns(model: models.NerfaceModel, mesh) -> ChunkFns:
   def full(params, inputs, grid, pixels):
     _, fine = apply(params, _frame_batch(pixels, inputs), None, grid)
     return {'rgb': fine.rgb, 'depth': fine.depth, 'acc': fine.acc}
+
+  def crosses(params, inputs, grid, pixels):
+    del params
+    rays = _frame_batch(pixels, inputs).rays
+    return {'hit': occupancy.crosses_occupied(grid, rays.origins,
+                                              rays.directions, model.near,
+                                              model.far)}
 
   def hits(params, inputs, grid, pixels):
     del params
@@ -160,6 +170,7 @@ def make_chunk_fns(model: models.NerfaceModel, mesh) -> ChunkFns:
     return {'rgb': rgb_sum, 'depth': depth_sum, 'trans': trans_out}
 
   return ChunkFns(full=_jit_sharded(full, mesh, 3, 1),
+                  crosses=_jit_sharded(crosses, mesh, 3, 1),
                   hits=_jit_sharded(hits, mesh, 3, 1),
                   depths=_jit_sharded(depths, mesh, 3, 1),
                   segment=_jit_sharded(segment, mesh, 3, 3),
@@ -267,7 +278,9 @@ def render_frame(fns: ChunkFns, params: Any, inputs: FrameInputs,
                  height: int, width: int, chunk: int, mesh,
                  should_stop: Optional[Callable[[], bool]] = None,
                  grid: Optional[occupancy.Grid] = None,
-                 passes: int = 4) -> dict[str, np.ndarray]:
+                 passes: int = 4,
+                 coarse_grid: Optional[occupancy.Grid] = None
+                 ) -> dict[str, np.ndarray]:
   """Renders a whole frame on the host side of chunked, sharded programs.
 
   Without a grid every pixel runs the whole model. With an occupancy grid:
@@ -292,6 +305,9 @@ def render_frame(fns: ChunkFns, params: Any, inputs: FrameInputs,
       answers.
     grid: the occupancy grid (replicated), or None.
     passes: runs of fine samples with a grid (1: no early termination).
+    coarse_grid: with a grid, optionally `occupancy.coarsened(grid)`
+      (replicated): rays crossing none of its cells are culled by that
+      cheaper walk before the exact one.
 
   Returns:
     {'rgb': float32 [H, W, 3], 'depth': float32 [H, W], 'acc': [H, W]}.
@@ -308,25 +324,32 @@ def render_frame(fns: ChunkFns, params: Any, inputs: FrameInputs,
                       mesh, should_stop)
   else:
     out = _render_in_passes(fns, params, inputs, grid, pixels, chunk, mesh,
-                            should_stop, passes)
+                            should_stop, passes, coarse_grid)
   return {k: v.reshape((height, width) + v.shape[1:]) for k, v in out.items()}
 
 
 def _render_in_passes(fns: ChunkFns, params, inputs, grid, pixels, chunk,
-                      mesh, should_stop, passes) -> dict[str, np.ndarray]:
+                      mesh, should_stop, passes,
+                      coarse_grid) -> dict[str, np.ndarray]:
   """`render_frame` with a grid: culling and early termination."""
-  run = lambda fn, arrays: _map_chunks(fn, (params, inputs, grid), arrays,
-                                       chunk, mesh, should_stop, tails=True)
+  run = lambda fn, arrays, on=grid: _map_chunks(
+      fn, (params, inputs, on), arrays, chunk, mesh, should_stop, tails=True)
   total = pixels.shape[0]
   background = np.asarray(jax.device_get(inputs.background), np.float32)
   background = background[pixels[:, 1], pixels[:, 0]] / 255.0
   rgb = np.zeros((total, 3), np.float32)
   depth = np.zeros((total,), np.float32)
   trans = np.ones((total,), np.float32)
-  found = run(fns.hits, [pixels])
-  hit = np.flatnonzero(found['hit'])
+  candidates = np.arange(total)
+  if coarse_grid is not None:
+    candidates = np.flatnonzero(run(fns.crosses, [pixels], coarse_grid)['hit'])
+  hit = candidates[:0]
+  if candidates.size:
+    found = run(fns.hits, [pixels[candidates]])
+    keep = np.flatnonzero(found['hit'])
+    hit = candidates[keep]
   if hit.size:
-    t = (found['t'][hit] if 't' in found else
+    t = (found['t'][keep] if 't' in found else
          run(fns.depths, [pixels[hit]])['t'])  # [A, S]
     far = t[:, -1:]
     use_background = fns.use_background
@@ -376,8 +399,13 @@ class Renderer:
     chunk: rays per jitted call (render.chunk).
     fns: from `make_chunk_fns`; shared by `with_params` copies so new
       parameters never recompile.
-    grid: the occupancy grid (replicated) that culls and guides sampling, or
-      None.
+    grid: the occupancy grid as trained (replicated; latent fitting samples
+      with it), or None.
+    occupancy_threshold: render.occupancy_threshold, the grid's cut.
+    render_grid: `occupancy.without_margin(grid)`, what frames are culled and
+      sampled with (replicated), or None.
+    coarse_grid: `occupancy.coarsened(render_grid)`, the cheap first test
+      (replicated), or None.
   """
   model: models.NerfaceModel
   params: Any
@@ -385,22 +413,36 @@ class Renderer:
   chunk: int
   fns: ChunkFns = dataclasses.field(repr=False)
   grid: Optional[occupancy.Grid] = None
+  occupancy_threshold: float = 0.01
+  render_grid: Optional[occupancy.Grid] = dataclasses.field(default=None,
+                                                            repr=False)
+  coarse_grid: Optional[occupancy.Grid] = dataclasses.field(default=None,
+                                                            repr=False)
 
   @classmethod
   def create(cls, model: models.NerfaceModel, params: Any, mesh, chunk: int,
-             grid: Optional[occupancy.Grid] = None) -> 'Renderer':
+             grid: Optional[occupancy.Grid] = None,
+             occupancy_threshold: float = 0.01) -> 'Renderer':
     """Places host (or replicated device) parameters and grid on `mesh`."""
-    return cls(model=model, params=parallel.replicate(params, mesh),
-               mesh=mesh, chunk=chunk, fns=make_chunk_fns(model, mesh),
-               grid=None if grid is None else parallel.replicate(grid, mesh))
+    base = cls(model=model, params=None, mesh=mesh, chunk=chunk,
+               fns=make_chunk_fns(model, mesh),
+               occupancy_threshold=occupancy_threshold)
+    return base.with_params(params, grid)
 
   def with_params(self, params: Any,
                   grid: Optional[occupancy.Grid] = None) -> 'Renderer':
     """The same compiled renderer with other parameters (and grid, when
     given; else the grid stays)."""
-    grid = self.grid if grid is None else parallel.replicate(grid, self.mesh)
+    if grid is None:
+      return dataclasses.replace(
+          self, params=parallel.replicate(params, self.mesh))
+    host = jax.device_get(grid)
+    tight = occupancy.without_margin(host, self.occupancy_threshold)
+    coarse = occupancy.coarsened(tight)
+    place = lambda g: None if g is None else parallel.replicate(g, self.mesh)
     return dataclasses.replace(
-        self, params=parallel.replicate(params, self.mesh), grid=grid)
+        self, params=parallel.replicate(params, self.mesh), grid=place(host),
+        render_grid=place(tight), coarse_grid=place(coarse))
 
   def __call__(self, inputs: FrameInputs, height: int, width: int,
                chunk: Optional[int] = None,
@@ -409,4 +451,4 @@ class Renderer:
     """Renders one frame: see `render_frame` (chunk: default self.chunk)."""
     return render_frame(self.fns, self.params, inputs, height, width,
                         chunk or self.chunk, self.mesh, should_stop,
-                        grid=self.grid)
+                        grid=self.render_grid, coarse_grid=self.coarse_grid)

@@ -597,7 +597,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   evaluator = _Evaluator(
       config, renderer.Renderer.create(
           model, _host(state.params, mode), mesh, config.render.chunk,
-          None if state.occupancy is None else _host(state.occupancy, mode)),
+          None if state.occupancy is None else _host(state.occupancy, mode),
+          config.render.occupancy_threshold),
       exp.splits.get('val'), workdir)
 
   writer = summary.EventWriter(workdir) if is_main else None

@@ -1,6 +1,7 @@
 """The hash field, its optimiser groups, the occupancy grid in training and
 rendering with culling and early termination."""
 
+import functools
 import pathlib
 
 import chex
@@ -167,19 +168,27 @@ def test_culling_and_early_termination_match_the_plain_render(levels, request):
   # culling, every sample evaluated.
   pixels = np.asarray(renderer.camera.pixel_grid(h, w),
                       np.int32).reshape(-1, 2)
+  # The render samples with the grid less its training margin.
+  assert (np.asarray(render.render_grid.occupied).sum() <
+          np.asarray(render.grid.occupied).sum())
   plain = renderer._map_chunks(  # pylint: disable=protected-access
       render.fns.full,
       (render.params, renderer.parallel.replicate(inputs, render.mesh),
-       render.grid), [pixels], render.mesh.devices.size * 64, render.mesh,
-      None)
+       render.render_grid), [pixels], render.mesh.devices.size * 64,
+      render.mesh, None)
   for key in ('rgb', 'acc'):
     diff = np.abs(fast[key].reshape(-1, *fast[key].shape[2:]) - plain[key])
     assert diff.max() < 1e-2, (key, diff.max())
   # One pass only: no early termination, the same picture.
-  one = renderer.render_frame(render.fns, render.params, inputs, h, w,
-                              render.chunk, render.mesh, grid=render.grid,
-                              passes=1)
-  assert np.abs(one['rgb'] - fast['rgb']).max() < 1e-2
+  frame = functools.partial(renderer.render_frame, render.fns, render.params,
+                            inputs, h, w, render.chunk, render.mesh,
+                            grid=render.render_grid)
+  assert np.abs(frame(passes=1)['rgb'] - fast['rgb']).max() < 1e-2
+  # The coarse first test only culls rays the exact one would: the same
+  # frame without it.
+  assert render.coarse_grid is not None
+  for key, value in frame(coarse_grid=None).items():
+    np.testing.assert_allclose(value, fast[key], atol=1e-6)
 
 
 def test_an_empty_grid_renders_exactly_the_background(trained_hash_avatar):

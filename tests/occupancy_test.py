@@ -353,3 +353,41 @@ def test_cell_face_crossings_are_merged_in_order_as_a_sort_would():
   chex.assert_shape(edges, expected.shape)
   assert np.all(np.diff(np.asarray(edges), axis=1) >= 0)
   np.testing.assert_allclose(edges, expected, rtol=0, atol=1e-5)
+
+
+def test_without_margin_undoes_the_dilation_and_keeps_a_warming_grid():
+  g = 16
+  grid = occupancy.create(BOX_MIN, BOX_MAX, g)
+  r = np.linalg.norm(np.asarray(occupancy.cell_centres(grid)), axis=-1)
+  dens = np.where((r > 0.4) & (r < 0.7), 0.5, 0.0).astype(np.float32)
+  tight = occupancy.update(grid, dens, warmup_steps=0)
+  grown = occupancy.update(grid, dens, warmup_steps=0, dilate=1)
+  assert grown.occupied.sum() > tight.occupied.sum() > 0
+  np.testing.assert_array_equal(
+      occupancy.without_margin(grown, threshold=0.01).occupied,
+      tight.occupied)
+  # While warming up every cell is occupied: nothing is culled yet.
+  warming = occupancy.update(grid, dens, warmup_steps=5, dilate=1)
+  assert bool(warming.occupied.all())
+  np.testing.assert_array_equal(
+      occupancy.without_margin(warming, threshold=0.01).occupied, True)
+
+
+def test_coarse_walk_culls_only_rays_that_cross_no_occupied_cell():
+  fine = _shell_grid(16)
+  coarse = occupancy.coarsened(fine, 2)
+  assert coarse.resolution == 8
+  blocks = np.asarray(fine.occupied).reshape(8, 2, 8, 2, 8, 2)
+  np.testing.assert_array_equal(coarse.occupied, blocks.any(axis=(1, 3, 5)))
+  assert occupancy.coarsened(fine, 3) is None  # 3 does not divide 16.
+  assert occupancy.coarsened(_shell_grid(8), 2) is None  # Under 8 cells.
+  origins, dirs = _random_rays(jax.random.PRNGKey(11), 2048)
+  crosses = jax.jit(occupancy.crosses_occupied)
+  exact = np.asarray(crosses(fine, origins, dirs, 0.5, 9.0))
+  first = np.asarray(crosses(coarse, origins, dirs, 0.5, 9.0))
+  # The walk alone says what sample's walk says.
+  _, any_occ = _sample(None, fine, origins, dirs, 0.5, 9.0, num_samples=4)
+  np.testing.assert_array_equal(exact, any_occ)
+  assert 0 < exact.sum() < exact.size
+  assert np.all(first[exact])  # Never culls a ray the exact walk keeps...
+  assert first.sum() < first.size  # ...and still culls some.
