@@ -29,6 +29,11 @@ import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
 MANIFEST = 'MANIFEST'
+# Orbax's own step metadata, which orbax may write again after a save has
+# returned (from a background thread): a kill during that rewrite left it
+# missing under a manifest that listed it. The manifest vouches for the
+# saved items only.
+_NOT_IN_MANIFEST = (MANIFEST, '_CHECKPOINT_METADATA')
 
 
 def _digest(path: pathlib.Path) -> str:
@@ -41,7 +46,7 @@ def _digest(path: pathlib.Path) -> str:
 
 def _files(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.rglob('*')
-                if p.is_file() and p.name != MANIFEST)
+                if p.is_file() and p.name not in _NOT_IN_MANIFEST)
 
 
 class Checkpoints:
@@ -147,6 +152,8 @@ class Checkpoints:
       return f'{manifest_path} is unreadable ({e})'
     for name, digest in sorted(recorded.items()):
       path = folder / name
+      if path.name in _NOT_IN_MANIFEST:  # Listed by an older version.
+        continue
       if not path.is_file():
         return f'{path} is missing'
       if _digest(path) != digest:

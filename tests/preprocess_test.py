@@ -575,7 +575,10 @@ def test_command_line_interrupted_says_so_and_leaves_nothing(tmp_path):
       [sys.executable, str(REPO / 'preprocess.py'), f'--video={CLIP}',
        f'--out={work / "out"}', f'--tracker_model={MODEL}', f'--size={SIZE}',
        f'--max_frames={FRAMES}'], cwd=REPO, env=env, stderr=subprocess.PIPE,
-      stdout=subprocess.DEVNULL, text=True)
+      stdout=subprocess.DEVNULL, text=True,
+      # A test run started in the background (`cmd &` in a script) ignores
+      # SIGINT, and a child would inherit that and never see the Ctrl-C.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
     while (not list(work.glob('.out.partial-*'))
