@@ -103,6 +103,11 @@ def _dilate(occupied: chex.Array, radius: int) -> chex.Array:
                                (w, w, w), (1, 1, 1), 'SAME') > 0
 
 
+def _above_cut(density: chex.Array, threshold: float) -> chex.Array:
+  """bool: density > min(threshold, mean(density)), `update`'s rule."""
+  return density > jnp.minimum(jnp.float32(threshold), jnp.mean(density))
+
+
 def update(grid: Grid,
            densities: chex.Array,
            decay: float = 0.95,
@@ -142,8 +147,7 @@ def update(grid: Grid,
   g = grid.resolution
   new = jnp.asarray(densities, jnp.float32).reshape(g, g, g)
   density = jnp.maximum(decay * grid.density, new)
-  cut = jnp.minimum(jnp.float32(threshold), jnp.mean(density))
-  occupied = _dilate(density > cut, dilate)
+  occupied = _dilate(_above_cut(density, threshold), dilate)
   occupied = jnp.where(grid.step < warmup_steps, True, occupied)
   return grid.replace(density=density, occupied=occupied,
                       step=grid.step + 1)
@@ -170,8 +174,7 @@ def without_margin(grid: Grid, threshold: float = 0.01) -> Grid:
   """
   occupied = jnp.asarray(grid.occupied)
   density = jnp.asarray(grid.density)
-  cut = jnp.minimum(jnp.float32(threshold), jnp.mean(density))
-  tight = occupied & (density > cut)
+  tight = occupied & _above_cut(density, threshold)
   return grid.replace(occupied=jnp.where(jnp.all(occupied), occupied, tight))
 
 
